@@ -1,0 +1,95 @@
+"""Reading images and masks from folders, with errors that name the file and the problem."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from distseg.data.errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+PASS_THROUGH = {"JPEG": "jpg", "PNG": "png"}
+"""Encoded formats stored in shards byte-for-byte (other formats are re-encoded as PNG)."""
+
+Image.MAX_IMAGE_PIXELS = None  # aerial rasters are legitimately huge; tiling handles the size
+
+
+def list_images(folder: Path, what: str) -> dict[str, Path]:
+    """Image files of ``folder`` by stem; a missing or empty folder, or two files with one stem, is an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {what} folder not found")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+            continue
+        if path.stem in files:
+            raise DataError(f"{path}: two {what} files share the stem {path.stem!r} ({files[path.stem].name})")
+        files[path.stem] = path
+    if not files:
+        raise DataError(f"{folder}: empty {what} folder (no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files)")
+    return files
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header only, without decoding pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
+
+
+def _open_decoded(path: Path, data: bytes) -> Image.Image:
+    """Fully decode ``data``; truncated or corrupt files raise DataError."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        return im
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable or truncated image ({exc})") from None
+
+
+def load_image(path: Path) -> tuple[np.ndarray, bytes, str | None]:
+    """Decode an image to uint8 H×W×3.
+
+    Returns the pixels, the file's bytes and the shard extension under which those bytes can be
+    stored unchanged (None when the file must be re-encoded: tif, or a mode other than RGB).
+    """
+    data = Path(path).read_bytes()
+    im = _open_decoded(path, data)
+    ext = PASS_THROUGH.get(im.format or "") if im.mode == "RGB" else None
+    if im.mode not in ("RGB", "RGBA", "L", "P", "LA", "CMYK", "YCbCr"):
+        raise DataError(f"{path}: unsupported image mode {im.mode} (expected 8-bit RGB, grey or palette)")
+    rgb = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+    return rgb, data, ext
+
+
+def load_mask(path: Path, rgb: bool) -> np.ndarray:
+    """Decode a mask: H×W×3 colours when ``rgb`` (palette PNGs are expanded), else H×W values."""
+    im = _open_decoded(path, Path(path).read_bytes())
+    if im.mode in ("RGB", "RGBA") or (rgb and im.mode in ("P", "PA")):
+        return np.asarray(im.convert("RGB"))
+    if im.mode in ("L", "P", "I", "I;16", "I;16B", "1"):
+        return np.asarray(im if im.mode != "1" else im.convert("L")).astype(np.int64, copy=False)
+    raise DataError(f"{path}: unsupported mask mode {im.mode}")
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Losslessly encode a uint8 H×W or H×W×3 array as PNG (fast compression: shards are read often)."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 H×W×3 (used by the stream; errors surface as exceptions)."""
+    im = Image.open(io.BytesIO(data))
+    return np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """PNG index-mask bytes -> uint8 H×W."""
+    return np.asarray(Image.open(io.BytesIO(data)))

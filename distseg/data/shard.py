@@ -1,0 +1,247 @@
+"""``distseg shard-data``: validate, tile, split and write image/mask folders as WebDataset shards.
+
+Planning reads only file headers (sizes, tile grids, splits, the labelled subset); writing then
+decodes each source once and sends its tiles to the writer of their split. Everything happens in a
+hidden temporary folder that is renamed to OUT only on success.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from distseg.data.classes import ClassMap, Unknown
+from distseg.data.errors import DataError
+from distseg.data.imageio import encode_png, image_size, list_images, load_image, load_mask
+from distseg.data.manifest import FORMAT, read_manifest, write_manifest
+from distseg.data.splitting import assign_splits, group_of, labeled_subset, parse_ratio, stable_hash
+from distseg.data.tiling import crop_padded, is_whole, tile_grid
+from distseg.data.writer import ShardLimit, SplitWriter, parse_shard_size
+
+__all__ = ["shard_dataset", "read_manifest", "DataError"]
+
+
+@dataclasses.dataclass
+class Source:
+    """One input image (and its mask when labelled) with its planned crops."""
+
+    image: Path
+    mask: Path | None
+    group: str
+    width: int = 0
+    height: int = 0
+    split: str = "unlabeled"
+    crops: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+    keys: list[str] = dataclasses.field(default_factory=list)
+
+
+def _sample_key(stem: str, crop: tuple[int, int, int, int], tiled: bool) -> str:
+    """A WebDataset-safe key (no dots: they separate the key from the extension)."""
+    base = re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+    return f"{base}_x{crop[0]}_y{crop[1]}" if tiled else base
+
+
+def _collect(images: Path | None, masks: Path | None, unlabeled: Path | None,
+             pattern: re.Pattern[str] | None) -> list[Source]:
+    """Pair images with masks by stem; unpaired images (or masks) are errors, not silently dropped."""
+    sources: list[Source] = []
+    if images is not None:
+        found = list_images(images, "image")
+        if masks is not None:
+            mask_files = list_images(masks, "mask")
+            for stem, path in found.items():
+                if stem not in mask_files:
+                    raise DataError(f"{path}: image has no mask in {masks} (masks pair with images by file stem)")
+            for stem, path in mask_files.items():
+                if stem not in found:
+                    raise DataError(f"{path}: mask has no image in {images}")
+        for stem, path in found.items():
+            mask = mask_files[stem] if masks is not None else None
+            sources.append(Source(path, mask, group_of(path.name, pattern)))
+    if unlabeled is not None:
+        sources += [Source(p, None, group_of(p.name, pattern)) for p in list_images(unlabeled, "unlabeled").values()]
+    return sources
+
+
+def _plan(sources: list[Source], tile: int | None, overlap: int, ratios: dict[str, float], seed: int) -> None:
+    """Fill in sizes, crops, keys and splits from headers; moves unkept train tiles to 'unlabeled'."""
+    seen: dict[str, Path] = {}
+    for src in sources:
+        src.width, src.height = image_size(src.image)
+        if src.mask is not None and image_size(src.mask) != (src.width, src.height):
+            mw, mh = image_size(src.mask)
+            raise DataError(f"{src.mask}: mask size {mw}x{mh} differs from its image {src.image.name} "
+                            f"({src.width}x{src.height})")
+        src.crops = tile_grid(src.width, src.height, tile, overlap)
+        src.keys = [_sample_key(src.image.stem, c, tile is not None) for c in src.crops]
+        for key in src.keys:
+            if seen.setdefault(key, src.image) != src.image:
+                raise DataError(f"{src.image}: sample key {key!r} collides with {seen[key]} (rename one file)")
+    labelled = [s for s in sources if s.mask is not None]
+    by_group = assign_splits([s.group for s in labelled], ratios, seed)
+    for src in labelled:
+        src.split = by_group[src.group]
+
+
+def _tile_splits(sources: list[Source], labeled_fraction: float, seed: int) -> dict[str, str]:
+    """Split of every sample key: the source's split, except train tiles outside the labelled subset."""
+    train_keys = [k for s in sources if s.split == "train" for k in s.keys]
+    kept = labeled_subset(train_keys, labeled_fraction, seed)
+    return {k: ("unlabeled" if s.split == "train" and k not in kept else s.split) for s in sources for k in s.keys}
+
+
+def _samples(src: Source, splits: dict[str, str], class_map: ClassMap | None,
+             unknown: Unknown) -> Iterator[tuple[str, dict[str, Any], np.ndarray | None]]:
+    """Decode one source once and yield (split, webdataset sample, index mask or None) per crop."""
+    pixels, raw, ext = load_image(src.image)
+    index = None
+    if src.mask is not None and class_map is not None:
+        has_colors = any(e.color is not None for e in class_map.entries)
+        index = class_map.encode(load_mask(src.mask, rgb=has_colors), src.mask, unknown)
+    order = sorted(range(len(src.crops)), key=lambda i: stable_hash("tile", src.keys[i]))
+    for i in order:
+        crop, key = src.crops[i], src.keys[i]
+        split = splits[key]
+        sample: dict[str, Any] = {"__key__": key}
+        if ext is not None and is_whole(src.width, src.height, crop):
+            sample[ext] = raw
+        else:
+            sample["png"] = encode_png(crop_padded(pixels, *crop, fill=0))
+        tile_mask = None
+        if index is not None and split != "unlabeled":
+            tile_mask = crop_padded(index, *crop, fill=class_map.ignore_index)
+            sample["mask.png"] = encode_png(tile_mask)
+        meta = {"source": src.image.name, "mask": src.mask.name if src.mask else None, "group": src.group,
+                "offset": [crop[0], crop[1]], "size": [crop[2], crop[3]], "original_size": [src.width, src.height]}
+        sample["json"] = json.dumps(meta, separators=(",", ":")).encode()
+        yield split, sample, tile_mask
+
+
+def _check_options(tile: int | None, overlap: int, labeled_fraction: float, unknown: str,
+                   group_by: str | None) -> re.Pattern[str] | None:
+    """Reject inconsistent options before touching any file."""
+    if tile is not None and tile <= 0:
+        raise DataError(f"--tile {tile}: must be a positive pixel count")
+    if overlap < 0 or (tile is not None and overlap >= tile):
+        raise DataError(f"--overlap {overlap}: must be >= 0 and smaller than --tile")
+    if not 0 < labeled_fraction <= 1:
+        raise DataError(f"--labeled-fraction {labeled_fraction}: must be in (0, 1]")
+    if unknown not in ("error", "ignore"):
+        raise DataError(f"--unknown {unknown!r}: must be 'error' or 'ignore'")
+    try:
+        return re.compile(group_by) if group_by else None
+    except re.error as exc:
+        raise DataError(f"--group-by {group_by!r}: invalid regex ({exc})") from None
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """Refuse a non-empty OUT without --force; return the temporary sibling folder to write into."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise DataError(f"{out}: folder is not empty (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    """A rich progress bar over sources, or a no-op context when disabled (tests, library use)."""
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+
+
+def shard_dataset(out: str | Path, images: str | Path | None = None, masks: str | Path | None = None,
+                  unlabeled: str | Path | None = None, classes: str | Path | None = None, tile: int | None = None,
+                  overlap: int = 0, split: str = "8:1:1", labeled_fraction: float = 1.0,
+                  group_by: str | None = None, seed: int = 0, shard_size: str | int = 1000,
+                  unknown: Unknown = "error", force: bool = False, command: list[str] | None = None,
+                  progress: bool = False) -> dict[str, Any]:
+    """Write ``OUT/<split>-NNNNNN.tar`` shards and ``OUT/manifest.json``; returns the manifest.
+
+    ``images`` + ``masks`` are labelled data split ``split`` (train:val:test) by source image or by
+    ``group_by``; only ``labeled_fraction`` of the train tiles keep labels, the rest (and ``images``
+    without ``masks``, and ``unlabeled``) form the 'unlabeled' split. Raises DataError on bad input.
+    """
+    out = Path(out)
+    pattern = _check_options(tile, overlap, labeled_fraction, unknown, group_by)
+    ratios, limit = parse_ratio(split), parse_shard_size(shard_size)
+    if images is None and unlabeled is None:
+        raise DataError("nothing to shard: give --images (with --masks for labelled data) and/or --unlabeled")
+    if masks is not None and images is None:
+        raise DataError(f"{masks}: --masks needs --images")
+    if masks is not None and classes is None:
+        raise DataError(f"{masks}: labelled data needs a class map (--classes FILE)")
+    class_map = ClassMap.from_file(classes) if classes is not None else None
+    sources = _collect(Path(images) if images else None, Path(masks) if masks else None,
+                       Path(unlabeled) if unlabeled else None, pattern)
+    _plan(sources, tile, overlap, ratios, seed)
+    splits = _tile_splits(sources, labeled_fraction, seed)
+    tmp = _prepare_out(out, force)
+    try:
+        stats = _write_all(tmp, sources, splits, class_map, unknown, limit, seed, progress)
+        manifest = _manifest(stats, class_map, command, dict(
+            tile=tile, overlap=overlap, split=split, labeled_fraction=labeled_fraction, group_by=group_by,
+            seed=seed, shard_size=str(shard_size), unknown=unknown))
+        write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _write_all(tmp: Path, sources: list[Source], splits: dict[str, str], class_map: ClassMap | None,
+               unknown: Unknown, limit: ShardLimit, seed: int, progress: bool) -> dict[str, SplitWriter]:
+    """Decode sources in a seeded order (so shards mix scenes) and stream their tiles to split writers."""
+    writers: dict[str, SplitWriter] = {}
+    num_classes = class_map.num_classes if class_map else 0
+    ordered = sorted(sources, key=lambda s: (stable_hash(seed, "order", s.image.name), s.image.name))
+    with _progress(progress, len(ordered)) as bar:
+        task = bar.add_task("sharding", total=len(ordered)) if bar else None
+        for src in ordered:
+            for name, sample, mask in _samples(src, splits, class_map, unknown):
+                if name not in writers:
+                    writers[name] = SplitWriter(tmp, name, limit, num_classes)
+                writers[name].write(sample, mask, src.image.name)
+            if bar:
+                bar.advance(task)
+    for writer in writers.values():
+        writer.close()
+    return writers
+
+
+def _manifest(writers: dict[str, SplitWriter], class_map: ClassMap | None, command: list[str] | None,
+              options: dict[str, Any]) -> dict[str, Any]:
+    """Assemble manifest.json: class map, per-split counts and class pixels, per-shard counts and sha256."""
+    from distseg import __version__
+
+    order = ["train", "val", "test", "unlabeled"]
+    splits, shards = {}, []
+    for name in sorted(writers, key=order.index):
+        w = writers[name]
+        info: dict[str, Any] = {"samples": w.samples, "sources": len(w.sources)}
+        if name != "unlabeled" and class_map is not None:
+            info["class_pixels"] = {c: int(n) for c, n in zip(class_map.names, w.class_pixels)}
+            info["ignore_pixels"] = int(w.ignore_pixels)
+        splits[name] = info
+        shards += w.shards
+    return {"format": FORMAT, "version": __version__, "command": list(command or []),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "class_map": class_map.to_dict() if class_map else None, "options": options,
+            "splits": splits, "shards": shards}
