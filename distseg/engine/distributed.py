@@ -1,0 +1,119 @@
+"""Process-group set-up, rank helpers and BatchNorm buffer synchronisation.
+
+Every stage runs the same code under ``deepspeed``, ``torchrun`` or a plain ``python`` process. This module hides
+the differences: it fills in a single-process rendezvous when no launcher did, picks NCCL on CUDA and gloo on CPU,
+and offers the few collectives the stages need.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(local_rank: int | None = None, device: str | None = None) -> DistEnv:
+    """Initialise (once) the default process group and return this process's place in it.
+
+    ``local_rank`` is what the deepspeed launcher passes as ``--local_rank``; LOCAL_RANK from the environment wins
+    when both exist. Without any launcher a one-process group on a free port is created, so collectives are
+    always valid to call.
+    """
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", str(local_rank or 0))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    lrank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(lrank)
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    dev = torch.device("cuda", lrank) if use_cuda else torch.device("cpu")
+    return DistEnv(rank=dist.get_rank(), local_rank=lrank, world_size=dist.get_world_size(), device=dev)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from ``src`` to every rank (used for small metadata only)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average a list of tensors across ranks in place, with one flat all-reduce."""
+    if not tensors or world_size() == 1:
+        return
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
+def sync_bn_buffers(module: nn.Module) -> None:
+    """Average floating-point buffers (BN running stats) and copy integer ones from rank 0.
+
+    DeepSpeed broadcasts parameters but not buffers, so without SyncBatchNorm (unsupported on gloo/CPU) every rank
+    drifts to its own running statistics. Called before every evaluation and save so that all ranks and the saved
+    checkpoint hold identical buffers.
+    """
+    if world_size() == 1:
+        return
+    floats = [b for b in module.buffers() if b.is_floating_point()]
+    all_reduce_mean_(floats)
+    for b in module.buffers():
+        if not b.is_floating_point():
+            dist.broadcast(b, src=0)
+
+
+def maybe_convert_sync_bn(module: nn.Module, env: DistEnv) -> nn.Module:
+    """Use SyncBatchNorm where it is supported (multi-GPU NCCL); must run before ``deepspeed.initialize``."""
+    if env.device.type == "cuda" and env.world_size > 1:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return module

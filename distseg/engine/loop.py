@@ -1,0 +1,256 @@
+"""The one training loop every stage shares.
+
+A stage supplies a ``StageProgram``: it owns its models and data and returns a loss dict from ``forward``.
+The loop owns everything else: micro-steps and gradient accumulation through the DeepSpeed engine, logging without
+host syncs in the step, evaluation and best-model tracking, checkpoints that are safe to resume from after a
+``kill -9``, and finishing the stage folder.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from distseg.engine import checkpoint as ckpt
+from distseg.engine.distributed import DistEnv, barrier, broadcast_object
+
+
+class StageProgram(Protocol):
+    """What a stage plugs into :func:`train`."""
+
+    engine: Any
+    streams: list["EpochStream"]
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        """Draw the next batch(es), run the student and return losses (``'loss'`` is the one optimised)."""
+
+    def after_step(self, applied: bool) -> None:
+        """Called once per optimizer step, with whether the optimizer really stepped (fp16 overflow skips)."""
+
+    def evaluate(self) -> dict[str, Any]:
+        """Validate; return metrics with a ``'score'`` key (higher is better) used to keep the best model."""
+
+    def export(self, folder: Path) -> None:
+        """Write the weights a later stage or ``predict`` uses (rank 0 only is called)."""
+
+    def save_extra(self, folder: Path) -> None:
+        """Save state DeepSpeed does not own (an EMA teacher) into a checkpoint tag folder (rank 0)."""
+
+    def load_extra(self, folder: Path) -> None:
+        """Restore what :meth:`save_extra` wrote (every rank)."""
+
+    def finish(self, folder: Path) -> None:
+        """Work done once at the very end (e.g. the Fisher information), after the best weights are in place."""
+
+
+class EpochStream:
+    """An endless iterator over a loader that knows its (epoch, batch index) position.
+
+    Resuming re-creates the epoch's deterministic order (``set_epoch``) and skips the batches already consumed, so
+    a resumed run sees exactly the batches an uninterrupted one would have.
+    """
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.epoch = 0
+        self.index = 0
+        self._it: Iterator | None = None
+
+    def __iter__(self) -> "EpochStream":
+        return self
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                if hasattr(self.loader, "set_epoch"):
+                    self.loader.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+                for _ in range(self.index):
+                    next(self._it)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self.epoch, self.index, self._it = self.epoch + 1, 0, None
+                continue
+            self.index += 1
+            return batch
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self._it = int(state["epoch"]), int(state["index"]), None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class RunLog:
+    """Rank-0 bookkeeping: metrics.jsonl and the rich progress bar."""
+
+    def __init__(self, folder: Path, env: DistEnv, total: int, start: int) -> None:
+        self.env = env
+        self.path = folder / "metrics.jsonl"
+        self.progress = None
+        if env.is_main:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self.progress.start()
+            self.task = self.progress.add_task(folder.name, total=total, completed=start, info="")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.env.is_main:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def advance(self, step: int, info: str | None = None) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, **({"info": info} if info is not None else {}))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class Trainer:
+    """Runs a :class:`StageProgram` for ``train.steps`` optimizer steps (see module docstring)."""
+
+    def __init__(self, program: StageProgram, folder: Path, train_cfg, ds_cfg: dict, env: DistEnv,
+                 record: dict[str, Any]) -> None:
+        self.p, self.folder, self.cfg, self.env, self.record = program, folder, train_cfg, env, record
+        self.accum = int(ds_cfg["gradient_accumulation_steps"])
+        self.images_per_step = int(ds_cfg["train_batch_size"])
+        self.step = 0
+        self.best: dict[str, Any] = {"score": float("-inf"), "step": None, "metrics": None}
+        self.ckpt_dir = folder / "checkpoint"
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """All ranks write their DeepSpeed shards; rank 0 marks the tag COMPLETE only after everyone finished."""
+        tag = f"step{self.step:08d}"
+        client = {"step": self.step, "best": self.best, "streams": [s.state() for s in self.p.streams]}
+        self.p.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
+        tag_dir = self.ckpt_dir / tag
+        torch.save(_rng_state(), tag_dir / f"rng_rank{self.env.rank}.pt")
+        if self.env.is_main:
+            self.p.save_extra(tag_dir)
+        barrier()
+        if self.env.is_main:
+            (tag_dir / ckpt.COMPLETE).write_text(str(self.step))
+            ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        barrier()
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint, if any; returns whether one was found."""
+        tag = broadcast_object(ckpt.latest_complete_tag(self.ckpt_dir) if self.env.is_main else None)
+        if tag is None:
+            return False
+        path, client = self.p.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if path is None:
+            raise ckpt.CheckpointError(f"{self.ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+        self.step, self.best = int(client["step"]), client["best"]
+        for stream, state in zip(self.p.streams, client["streams"]):
+            stream.load_state(state)
+        rng_file = self.ckpt_dir / tag / f"rng_rank{self.env.rank}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        self.p.load_extra(self.ckpt_dir / tag)
+        return True
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    def evaluate(self, log: RunLog) -> dict[str, Any]:
+        metrics = self.p.evaluate()
+        log.write({"step": self.step, "eval": metrics})
+        if metrics["score"] > self.best["score"]:
+            self.best = {"score": metrics["score"], "step": self.step, "metrics": metrics}
+            if self.env.is_main:
+                self.p.export(self.folder / "best")
+        barrier()
+        return metrics
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        log = RunLog(self.folder, self.env, self.cfg.steps, self.step)
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        t_last, step_last = time.perf_counter(), self.step
+        try:
+            while self.step < self.cfg.steps:
+                for _ in range(self.accum):
+                    losses = self.p.forward()
+                    self.p.engine.backward(losses["loss"])
+                    self.p.engine.step()
+                    for key, value in losses.items():
+                        value = value.detach().float()
+                        sums[key] = sums[key] + value if key in sums else value
+                    count += 1
+                self.step += 1
+                self.p.after_step(bool(self.p.engine.was_step_applied()))
+                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                    now = time.perf_counter()
+                    rate = (self.step - step_last) * self.images_per_step / max(now - t_last, 1e-9)
+                    t_last, step_last = now, self.step
+                    self._log_losses(log, sums, count, rate)
+                    sums, count = {}, 0
+                log.advance(self.step)
+                last = self.step == self.cfg.steps
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and not last:
+                    self.evaluate(log)
+                if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0 and not last:
+                    self.save_checkpoint()
+            final = self.evaluate(log)
+            self.save_checkpoint()
+        finally:
+            log.close()
+        return final
+
+    def _log_losses(self, log: RunLog, sums: dict[str, torch.Tensor], count: int, rate: float) -> None:
+        """One host sync for all accumulated loss terms (means over ``count`` micro-steps), then log them."""
+        if not sums:
+            return
+        keys = list(sums)
+        flat = (torch.cat([sums[k].reshape(-1) for k in keys]) / count).tolist()
+        values: dict[str, Any] = {}
+        offset = 0
+        for key in keys:
+            n = sums[key].numel()
+            values[key] = flat[offset] if n == 1 and sums[key].dim() == 0 else flat[offset:offset + n]
+            offset += n
+        lr = self.p.engine.get_lr()[0]
+        log.write({"step": self.step, "lr": lr, "images_per_s": rate, **values})
+        log.advance(self.step, " ".join(f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, float))
+                    + f" lr={lr:.2e} {rate:.1f} img/s")
+
+
+def finalize(folder: Path, program: StageProgram, trainer: Trainer, env: DistEnv, record: dict[str, Any]) -> None:
+    """Put the best weights at the folder root, run the stage's final work and mark the stage finished."""
+    if env.is_main:
+        program.export(folder / "last")
+        best = folder / "best"
+        for f in best.glob("*.safetensors"):
+            shutil.copy2(f, folder / f.name)
+    barrier()
+    program.finish(folder)
+    if env.is_main:
+        record.update(finished=True, steps=trainer.step, best_step=trainer.best["step"],
+                      metrics=trainer.best["metrics"] or {})
+        ckpt.write_json_atomic(folder / ckpt.STAGE_JSON, record)
+    barrier()
