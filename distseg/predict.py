@@ -1,0 +1,174 @@
+"""Sliding-window inference on images and GeoTIFFs of any size (``distseg predict``).
+
+The entry points take a plain ``nn.Module`` (float B×3×H×W in [0, 1] -> logits B×C×H×W) and a
+class map, so they work with any model: ``predict_array`` for an in-memory image, ``predict_file``
+for one file written to an output folder, ``predict_paths`` for files and folders. Under a
+``torchrun``/``deepspeed`` launch (``WORLD_SIZE`` > 1) the windows are split across ranks, the
+probability sums are reduced to rank 0, and rank 0 alone writes the outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from distseg.inference.config import PredictConfig
+from distseg.inference.errors import PredictError
+from distseg.inference.raster import ArrayReader, expand_inputs, open_reader
+from distseg.inference.sliding import SlidingWindow, WindowPlan
+from distseg.inference.summary import AreaCounter, write_summary
+from distseg.inference.writers import check_outputs, open_outputs, output_paths
+
+__all__ = ["ClassMapLike", "Prediction", "PredictConfig", "PredictError", "check_model", "init_distributed",
+           "predict_array", "predict_file", "predict_paths", "resolve_device"]
+
+
+class ClassMapLike(Protocol):
+    """What prediction needs from :class:`distseg.data.classes.ClassMap`."""
+
+    num_classes: int
+    names: list[str]
+    colors: list[tuple[int, int, int]]
+    ignore_index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """The result of :func:`predict_array`."""
+
+    labels: np.ndarray
+    """uint8 H × W class indices (``ignore_index`` on nodata)."""
+    confidence: np.ndarray
+    """float32 H × W blended probability of the predicted class (0 on nodata)."""
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks (0, 1 without an initialised process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> this rank's GPU when CUDA is available, else cpu; "cuda" -> this rank's GPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group a launcher describes in the environment (``WORLD_SIZE`` > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank_and_world()
+
+
+def check_model(model: torch.nn.Module, class_map: ClassMapLike, device: torch.device, size: int = 64) -> None:
+    """Fail before any output is opened when the model's class count disagrees with the class map."""
+    with torch.inference_mode():
+        logits = model(torch.zeros(1, 3, size, size, device=device))
+    if logits.ndim != 4 or logits.shape[1] != class_map.num_classes:
+        raise PredictError(f"the model predicts {logits.shape[1] if logits.ndim == 4 else '?'} classes "
+                           f"(logits {tuple(logits.shape)}) but the class map has {class_map.num_classes} "
+                           f"({', '.join(class_map.names)}): the weights and the class map disagree")
+
+
+def predict_array(model: torch.nn.Module, image: np.ndarray, num_classes: int, cfg: PredictConfig | None = None,
+                  valid: np.ndarray | None = None, ignore_index: int = 255,
+                  device: torch.device | str = "cpu") -> Prediction | None:
+    """Predict an H × W × 3 image (uint8, or float in [0, 1]) held in memory.
+
+    Returns None on ranks other than 0 of a process group (they only contribute windows).
+    """
+    cfg = cfg or PredictConfig()
+    device = torch.device(device)
+    reader = ArrayReader(image, valid=valid, scale=cfg.scale)
+    labels = np.full((reader.height, reader.width), ignore_index, dtype=np.uint8)
+    confidence = np.zeros((reader.height, reader.width), dtype=np.float32)
+    rank, world = rank_and_world()
+    engine = SlidingWindow(model.to(device).eval(), num_classes, cfg, device, rank, world)
+    for block in engine.run(reader, ignore_index):
+        h, w = block.labels.shape
+        labels[block.y:block.y + h, block.x:block.x + w] = block.labels
+        confidence[block.y:block.y + h, block.x:block.x + w] = block.confidence
+    return Prediction(labels, confidence) if rank == 0 else None
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[[int], None] | None]:
+    """A rich bar over windows, or nothing (non-zero ranks, tests)."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def predict_file(model: torch.nn.Module, class_map: ClassMapLike, path: str | Path, out_dir: str | Path,
+                 cfg: PredictConfig, device: torch.device | str = "cpu",
+                 progress: bool = True) -> dict[str, Any] | None:
+    """Predict one image or GeoTIFF into ``out_dir``; returns the area summary (None off rank 0)."""
+    path, out_dir, device = Path(path), Path(out_dir), torch.device(device)
+    rank, world = rank_and_world()
+    paths = output_paths(out_dir, path, cfg)
+    check_outputs(paths, cfg.force)
+    reader = open_reader(path, cfg.bands, cfg.scale)
+    try:
+        engine = SlidingWindow(model.to(device).eval(), class_map.num_classes, cfg, device, rank, world)
+        outputs = open_outputs(paths, reader, cfg, class_map.colors, class_map.ignore_index) if rank == 0 else None
+        counter = AreaCounter()
+        total = WindowPlan.build(reader.height, reader.width, cfg).num_windows(rank, world)
+        try:
+            with _progress_bar(progress and rank == 0, total, path.name) as advance:
+                for block in engine.run(reader, class_map.ignore_index, advance):
+                    outputs.write(block)
+                    counter.add(block.labels)
+        except BaseException:
+            if outputs is not None:
+                outputs.abort()
+            raise
+        if outputs is None:
+            return None
+        outputs.commit()
+        geo_area = reader.geo.pixel_area_m2 if reader.geo is not None else None
+        summary = counter.summary(path, reader.height, reader.width, class_map.names, class_map.ignore_index,
+                                  geo_area)
+        write_summary(summary, paths["summary"])
+        return summary
+    finally:
+        reader.close()
+
+
+def predict_paths(model: torch.nn.Module, class_map: ClassMapLike, inputs: Sequence[str | Path],
+                  out_dir: str | Path, cfg: PredictConfig, device: torch.device | str = "cpu",
+                  progress: bool = True) -> list[dict[str, Any]]:
+    """Predict files and folders; every input and output is checked before the first one starts."""
+    out_dir, device = Path(out_dir), torch.device(device)
+    files = expand_inputs(inputs)
+    seen: dict[Path, Path] = {}
+    for f in files:
+        for out in output_paths(out_dir, f, cfg).values():
+            if seen.setdefault(out, f) != f:
+                raise PredictError(f"{f} and {seen[out]} would both write {out}; predict them into separate --out")
+        check_outputs(output_paths(out_dir, f, cfg), cfg.force)
+    model = model.to(device).eval()
+    check_model(model, class_map, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for f in files:
+        summary = predict_file(model, class_map, f, out_dir, cfg, device, progress)
+        if summary is not None:
+            summaries.append(summary)
+    return summaries
