@@ -17,6 +17,7 @@ app = typer.Typer(help="Label-efficient land-cover segmentation: shard, distil, 
 _COMMANDS: list[tuple[str, str, str]] = [
     ("data", "shard_data", "shard-data"),
     ("data", "inspect", "inspect"),
+    ("predict", "predict", "predict"),
 ]
 
 
