@@ -125,6 +125,8 @@ def predict_file(model: torch.nn.Module, class_map: ClassMapLike, path: str | Pa
     paths = output_paths(out_dir, path, cfg)
     check_outputs(paths, cfg.force)
     reader = open_reader(path, cfg.bands, cfg.scale)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     try:
         engine = SlidingWindow(model.to(device).eval(), class_map.num_classes, cfg, device, rank, world)
         outputs = open_outputs(paths, reader, cfg, class_map.colors, class_map.ignore_index) if rank == 0 else None
@@ -165,7 +167,6 @@ def predict_paths(model: torch.nn.Module, class_map: ClassMapLike, inputs: Seque
         check_outputs(output_paths(out_dir, f, cfg), cfg.force)
     model = model.to(device).eval()
     check_model(model, class_map, device)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summaries = []
     for f in files:
         summary = predict_file(model, class_map, f, out_dir, cfg, device, progress)

@@ -131,7 +131,7 @@ def _tiff_profile(kind: str, reader: Reader, ignore_index: int) -> dict[str, Any
     profile: dict[str, Any] = dict(
         driver="GTiff", width=reader.width, height=reader.height, dtype="uint8",
         count=1 if kind in ("mask", "confidence") else 3, crs=geo.crs if geo else None,
-        transform=geo.transform if geo else None, tiled=True, blockxsize=TIFF_BLOCK, blockysize=TIFF_BLOCK,
+        transform=geo.transform if geo and not geo.transform.is_identity else None, tiled=True, blockxsize=TIFF_BLOCK, blockysize=TIFF_BLOCK,
         compress="deflate", BIGTIFF="IF_SAFER")
     if kind == "mask":
         profile["nodata"] = ignore_index
