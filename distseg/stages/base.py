@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from distseg.data.classes import ClassMap
+from distseg.data.manifest import read_manifest
 from distseg.engine import checkpoint as ckpt
 from distseg.engine.deepspeed_engine import autocast_context, build_engine
 from distseg.engine.distributed import DistEnv, init_distributed, maybe_convert_sync_bn, sync_bn_buffers
@@ -83,8 +84,10 @@ class StageBase:
                              self.cfg.train.fisher_batches, batch_size=self.micro, device=self.env.device)
 
     def record(self) -> dict[str, Any]:
+        labelled = read_manifest(self.cfg.data.shards)["splits"].get(self.cfg.data.train_split, {})
         return ckpt.stage_record(self.kind, resolved_config(self.cfg, self.model_cfg, self.ds_cfg),
-                                 self.class_map.to_dict(), self.parent_ref, world_size=self.env.world_size)
+                                 self.class_map.to_dict(), self.parent_ref, world_size=self.env.world_size,
+                                 labeled_samples=labelled.get("samples", 0), unlabeled_samples=0)
 
 
 def run_stage(program_cls, cfg, *, resume: bool = False, force: bool = False, local_rank: int | None = None,
