@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+from distseg.config import apply_overrides, from_dict, read_mapping
 from distseg.models.backbones import BACKBONES, get_spec
 
 PsaLayout = Literal["none", "parallel", "sequential"]
@@ -76,3 +78,19 @@ class ModelConfig:
         if not get_spec(self.backbone).dilatable:
             return None
         return self.output_stride or 16
+
+
+def load_model_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ModelConfig:
+    """A ``ModelConfig`` from a YAML/JSON file plus ``key=value`` overrides; no file gives the defaults.
+
+    The file may hold the model mapping itself, a mapping with a ``model`` key (a stage config), or a
+    ``stage.json`` (``config.model``), so any run folder's config can be profiled as it was trained.
+    """
+    data: dict = {}
+    if path is not None:
+        data = read_mapping(path)
+        if isinstance(data.get("config"), dict) and "model" in data["config"]:
+            data = data["config"]
+        if isinstance(data.get("model"), dict):
+            data = data["model"]
+    return from_dict(ModelConfig, apply_overrides(data, overrides or []), where=str(path or "model"))
