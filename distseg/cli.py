@@ -18,6 +18,8 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("data", "shard_data", "shard-data"),
     ("data", "inspect", "inspect"),
     ("predict", "predict", "predict"),
+    ("models", "flops", "flops"),
+    ("models", "bench_infer", "bench-infer"),
 ]
 
 
