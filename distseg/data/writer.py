@@ -11,8 +11,8 @@ import numpy as np
 
 from distseg.data.errors import DataError
 
-TAR_OVERHEAD = 1024
-"""Approximate tar bytes per member beyond its data (header block + padding), for MB-sized shards."""
+TAR_BLOCK = 512
+"""Tar stores each member as a header block plus its data rounded up to whole blocks."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +22,8 @@ class ShardLimit:
     samples: int | None = None
     """Maximum samples per shard (None: no sample limit)."""
     bytes: int | None = None
-    """Target maximum bytes per shard (None: no size limit); a single larger sample still gets a shard."""
+    """Target maximum member bytes per shard (None: no size limit); a single larger sample still gets a
+    shard, and tar's end-of-archive record padding (up to 10 KiB) comes on top."""
 
 
 def parse_shard_size(text: str | int) -> ShardLimit:
@@ -79,7 +80,7 @@ class SplitWriter:
 
     def write(self, sample: dict[str, Any], mask: np.ndarray | None, source: str) -> None:
         """Append one sample (``__key__`` + encoded fields) and count its mask pixels."""
-        size = sum(len(v) + TAR_OVERHEAD for k, v in sample.items() if not k.startswith("__"))
+        size = sum(TAR_BLOCK * (1 + -(-len(v) // TAR_BLOCK)) for k, v in sample.items() if not k.startswith("__"))
         if self._full(size):
             self._open_next()
         self._tar.write(sample)
