@@ -19,7 +19,7 @@ import torch
 
 from distseg.inference.config import PredictConfig
 from distseg.inference.errors import PredictError
-from distseg.inference.raster import ArrayReader, expand_inputs, open_reader
+from distseg.inference.raster import ArrayReader, Reader, expand_inputs, gdal_env, open_reader
 from distseg.inference.sliding import SlidingWindow, WindowPlan
 from distseg.inference.summary import AreaCounter, write_summary
 from distseg.inference.writers import check_outputs, open_outputs, output_paths
@@ -120,37 +120,44 @@ def predict_file(model: torch.nn.Module, class_map: ClassMapLike, path: str | Pa
                  cfg: PredictConfig, device: torch.device | str = "cpu",
                  progress: bool = True) -> dict[str, Any] | None:
     """Predict one image or GeoTIFF into ``out_dir``; returns the area summary (None off rank 0)."""
-    path, out_dir, device = Path(path), Path(out_dir), torch.device(device)
-    rank, world = rank_and_world()
+    path, out_dir = Path(path), Path(out_dir)
     paths = output_paths(out_dir, path, cfg)
     check_outputs(paths, cfg.force)
-    reader = open_reader(path, cfg.bands, cfg.scale)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        engine = SlidingWindow(model.to(device).eval(), class_map.num_classes, cfg, device, rank, world)
-        outputs = open_outputs(paths, reader, cfg, class_map.colors, class_map.ignore_index) if rank == 0 else None
-        counter = AreaCounter()
-        total = WindowPlan.build(reader.height, reader.width, cfg).num_windows(rank, world)
+    with gdal_env(path, cfg.gdal_cache_mb):
+        reader = open_reader(path, cfg.bands, cfg.scale)
         try:
-            with _progress_bar(progress and rank == 0, total, path.name) as advance:
-                for block in engine.run(reader, class_map.ignore_index, advance):
-                    outputs.write(block)
-                    counter.add(block.labels)
-        except BaseException:
-            if outputs is not None:
-                outputs.abort()
-            raise
-        if outputs is None:
-            return None
-        outputs.commit()
-        geo_area = reader.geo.pixel_area_m2 if reader.geo is not None else None
-        summary = counter.summary(path, reader.height, reader.width, class_map.names, class_map.ignore_index,
-                                  geo_area)
-        write_summary(summary, paths["summary"])
-        return summary
-    finally:
-        reader.close()
+            return _predict_reader(model, class_map, reader, paths, cfg, torch.device(device), progress)
+        finally:
+            reader.close()
+
+
+def _predict_reader(model: torch.nn.Module, class_map: ClassMapLike, reader: Reader, paths: dict[str, Path],
+                    cfg: PredictConfig, device: torch.device, progress: bool) -> dict[str, Any] | None:
+    """Stream the blocks of an opened input into its outputs (rank 0) and summarise the areas."""
+    rank, world = rank_and_world()
+    engine = SlidingWindow(model.to(device).eval(), class_map.num_classes, cfg, device, rank, world)
+    outputs = None
+    if rank == 0:
+        paths["mask"].parent.mkdir(parents=True, exist_ok=True)
+        outputs = open_outputs(paths, reader, cfg, class_map.colors, class_map.ignore_index)
+    counter = AreaCounter()
+    total = WindowPlan.build(reader.height, reader.width, cfg).num_windows(rank, world)
+    try:
+        with _progress_bar(progress and rank == 0, total, reader.path.name) as advance:
+            for block in engine.run(reader, class_map.ignore_index, advance):
+                outputs.write(block)
+                counter.add(block.labels)
+    except BaseException:
+        if outputs is not None:
+            outputs.abort()
+        raise
+    if outputs is None:
+        return None
+    outputs.commit()
+    area = reader.geo.pixel_area_m2 if reader.geo is not None else None
+    summary = counter.summary(reader.path, reader.height, reader.width, class_map.names, class_map.ignore_index, area)
+    write_summary(summary, paths["summary"])
+    return summary
 
 
 def predict_paths(model: torch.nn.Module, class_map: ClassMapLike, inputs: Sequence[str | Path],

@@ -214,3 +214,27 @@ def test_real_images_of_different_sizes_give_outputs_of_the_input_size(tmp_path)
             assert Image.open(tmp_path / f"{f.stem}_{kind}.png").size == (w, h)
         assert (summary["height"], summary["width"]) == (h, w)
         assert sum(c["pixels"] for c in summary["classes"]) == h * w
+
+
+def test_cli_end_to_end_with_a_real_weights_file(tmp_path):
+    """The real loading path: weights file + model config + class map, then the loaded model's class check."""
+    import yaml
+
+    from distseg.models import ModelConfig, build_model
+    from distseg.models.weights import save_weights
+
+    mcfg = dict(backbone="test_resnet", num_classes=4, psa="none", aspp_channels=16, decoder_channels=16,
+                low_level_channels=8)
+    save_weights(build_model(ModelConfig(**mcfg)), tmp_path / "model.safetensors")
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(mcfg))
+    (tmp_path / "classes.json").write_text(json.dumps(tiny_class_map(4).to_dict()))
+    Image.fromarray(random_image(70, 110)).save(tmp_path / "a.jpg")
+    args = ["predict", str(tmp_path / "model.safetensors"), str(tmp_path / "a.jpg"), "--out", str(tmp_path / "out"),
+            "--model", str(tmp_path / "model.yaml"), "--classes", str(tmp_path / "classes.json"), "--tile", "64",
+            "--device", "cpu", "--overlay", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for kind in ("mask", "color", "overlay"):
+        assert Image.open(tmp_path / "out" / f"a_{kind}.png").size == (110, 70)
+    result = CliRunner().invoke(app, args[:5] + ["--out", str(tmp_path / "out2"), "--device", "cpu"])
+    assert result.exit_code == 2 and "--model" in result.output

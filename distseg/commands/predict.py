@@ -57,6 +57,7 @@ def predict(
     from distseg.engine.checkpoint import CheckpointError
     from distseg.inference.errors import PredictError
     from distseg.inference.summary import print_summary
+    from distseg.models.weights import WeightsError
     from distseg.predict import PredictConfig, init_distributed, predict_paths, resolve_device
 
     try:
@@ -70,7 +71,7 @@ def predict(
         rank, _ = init_distributed(torch_device)
         model, class_map = _load(weights, torch_device, model_config, classes)
         summaries = predict_paths(model, class_map, inputs, out, cfg, torch_device, progress=not quiet)
-    except (PredictError, CheckpointError, DataError, ConfigError) as exc:
+    except (PredictError, CheckpointError, DataError, ConfigError, WeightsError) as exc:
         _fail(str(exc))
     if rank == 0 and not quiet:
         for summary in summaries:

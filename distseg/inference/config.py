@@ -26,6 +26,8 @@ class PredictConfig:
     chunk_width: int = 4096
     """Columns processed at once: accumulators hold (classes + 1) × tile × chunk_width floats, so peak
     memory does not grow with the raster; windows across a chunk boundary are computed twice."""
+    gdal_cache_mb: int = 64
+    """GDAL block cache for GeoTIFF reads and writes, in MiB (bounds memory together with chunk_width)."""
     size_multiple: int = 32
     """Windows of images smaller than a tile are rounded up to this multiple (the backbone stride)."""
     bands: tuple[int, int, int] | None = None
@@ -54,6 +56,8 @@ class PredictConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.chunk_width < self.tile:
             raise ValueError(f"chunk_width ({self.chunk_width}) must be at least the tile ({self.tile})")
+        if self.gdal_cache_mb < 1:
+            raise ValueError(f"gdal_cache_mb must be positive, got {self.gdal_cache_mb}")
         if self.size_multiple < 1:
             raise ValueError(f"size_multiple must be positive, got {self.size_multiple}")
         if self.bands is not None and (len(self.bands) != 3 or min(self.bands) < 1):

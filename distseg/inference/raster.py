@@ -6,6 +6,7 @@ the scale to [0, 1] are settled when the reader is opened, so bad input fails be
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -132,7 +133,10 @@ class RasterioReader:
     """A GeoTIFF read window by window, so it may be far larger than memory."""
 
     def __init__(self, path: Path, bands: Sequence[int] | None, scale: float | None) -> None:
-        import rasterio
+        try:
+            import rasterio
+        except ImportError:
+            raise PredictError(f"{path}: reading GeoTIFFs needs rasterio: pip install 'distseg[geo]'") from None
 
         self.path = path
         try:
@@ -166,6 +170,18 @@ class RasterioReader:
 
     def close(self) -> None:
         self.dataset.close()
+
+
+def gdal_env(path: Path, cache_mb: int) -> contextlib.AbstractContextManager:
+    """GDAL settings for one raster job: a fixed block cache (GDAL's default is 5 % of RAM, which would make
+    peak memory grow with the raster until that much is cached). Plain images need no GDAL."""
+    if path.suffix.lower() not in RASTER_SUFFIXES:
+        return contextlib.nullcontext()
+    try:
+        import rasterio
+    except ImportError:
+        return contextlib.nullcontext()  # open_reader reports the missing package with the file name
+    return rasterio.Env(GDAL_CACHEMAX=cache_mb * 2**20)
 
 
 def open_reader(path: str | Path, bands: Sequence[int] | None = None, scale: float | None = None) -> Reader:
