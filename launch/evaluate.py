@@ -1,7 +1,12 @@
 """Evaluate a stage folder or weights file: `deepspeed launch/evaluate.py RUN_DIR --data SHARDS [--split val]`."""
+import os
+import sys
 from typing import Optional
 
-import typer
+# launch/ssl.py would shadow the standard library ssl module.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import typer  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

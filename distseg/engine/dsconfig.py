@@ -21,8 +21,15 @@ _KNOWN_SECTIONS = {
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
-    """Read a ds_config JSON file; errors name the file."""
+    """Read a ds_config JSON file; errors name the file.
+
+    A relative path that does not exist from the working directory is also looked up beside the distseg source
+    tree, so the shipped ``ds_configs/*.json`` work from any directory.
+    """
     path = Path(path)
+    shipped = Path(__file__).resolve().parents[2] / path
+    if not path.is_file() and not path.is_absolute() and shipped.is_file():
+        path = shipped
     if not path.is_file():
         raise ConfigError(f"{path}: DeepSpeed config not found")
     try:

@@ -56,11 +56,14 @@ def resolve_parent(path: str | None, fallback: ModelConfig) -> Parent:
 
 
 def build_from(parent: Parent, num_classes: int | None = None, pretrained: str | None = None) -> nn.Module:
-    """Build the parent's architecture and load its weights; ``num_classes`` swaps in a fresh classifier."""
+    """Build the parent's architecture and load its weights; ``num_classes`` swaps in a fresh classifier.
+
+    When a new class count is asked for, the parent's classifier may have any shape (it is replaced anyway).
+    """
     cfg = dataclasses.replace(parent.model_cfg, pretrained=pretrained if parent.weights is None else None)
     model = build_model(cfg)
     if parent.weights is not None:
-        load_weights(model, parent.weights, allow_classifier_mismatch=False)
+        load_weights(model, parent.weights, allow_classifier_mismatch=num_classes is not None)
     if num_classes is not None and num_classes != cfg.num_classes:
         model.replace_classifier(num_classes)
     return model

@@ -72,6 +72,8 @@ def make_app(kind: str) -> typer.Typer:
         from distseg.config import ConfigError
         from distseg.data.errors import DataError
         from distseg.engine.checkpoint import CheckpointError
+        from distseg.models.backbones import PretrainedWeightsError
+        from distseg.models.weights import WeightsError
         from distseg.stages.common import StageError
 
         options = {"out": out, "data.shards": data, "parent": parent, "ds_config": ds_config,
@@ -84,7 +86,8 @@ def make_app(kind: str) -> typer.Typer:
             cfg = build_config(kind, config, options, sets)
             importlib.import_module(STAGES[kind]).run(cfg, resume=resume, force=force, local_rank=local_rank,
                                                       device=device)
-        except (ConfigError, StageError, DataError, CheckpointError, FileNotFoundError) as exc:
+        except (ConfigError, StageError, DataError, CheckpointError, WeightsError, PretrainedWeightsError,
+                FileNotFoundError) as exc:
             _fail(str(exc))
 
     return app
