@@ -168,6 +168,13 @@ def _accumulate_sq(acc: list[Tensor], grads: tuple[Tensor | None, ...]) -> None:
         torch._foreach_addcmul_([a for a, _ in pairs], [g.float() for _, g in pairs], [g.float() for _, g in pairs])
 
 
+def _batch_target(batch: dict, key: str, device: torch.device) -> Tensor:
+    """The ground-truth mask of a batch, on ``device``; a clear error when the batch has none."""
+    if key not in batch:
+        raise KeyError(f"labels='target' needs batches with a {key!r} entry, got keys {sorted(batch)}")
+    return batch[key].to(device)
+
+
 def compute_fisher(
     model: nn.Module,
     batches: Iterable[dict],
@@ -188,7 +195,8 @@ def compute_fisher(
     was trained on, so F measures how sharply the model's *current* answers depend on each weight
     and needs no labels; ``"target"`` uses the ground truth (the "empirical Fisher", biased where
     the model is wrong). The model runs in eval mode (BN statistics untouched) and its mode is
-    restored; only parameters with ``requires_grad`` are scored.
+    restored; only parameters with ``requires_grad`` are scored. Batches are dicts; their images
+    (and masks) are moved to ``device`` when given, and the model must already be there.
     """
     if labels not in ("predicted", "target"):
         raise ValueError(f"labels must be 'predicted' or 'target', got {labels!r}")
@@ -202,12 +210,8 @@ def compute_fisher(
     model.eval()
     try:
         for batch in _batches_with_progress(batches, n_batches, progress):
-            images = batch[image_key].to(device) if device is not None else batch[image_key]
-            target = batch.get(target_key) if labels == "target" else None
-            if labels == "target":
-                if target is None:
-                    raise KeyError(f"labels='target' needs batches with a {target_key!r} entry")
-                target = target.to(images.device)
+            images = batch[image_key] if device is None else batch[image_key].to(device)
+            target = _batch_target(batch, target_key, images.device) if labels == "target" else None
             ll = _image_log_likelihoods(model(images), target, labels, ignore_index)
             for i in range(ll.shape[0]):
                 grads = torch.autograd.grad(ll[i], params, retain_graph=i < ll.shape[0] - 1, allow_unused=True)

@@ -239,3 +239,13 @@ def test_fisher_file_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="bad.safetensors"):
         load_fisher(tmp_path / "bad.safetensors")
+
+
+def test_fisher_bad_input():
+    model = _tiny_net()
+    with pytest.raises(KeyError, match="'mask'"):
+        compute_fisher(model, [{"image": torch.rand(1, 3, 8, 8)}], n_batches=1, labels="target")
+    with pytest.raises(ValueError, match="empty"):
+        compute_fisher(model, [], n_batches=1)
+    with pytest.raises(ValueError, match="labels"):
+        compute_fisher(model, [], n_batches=1, labels="sampled")
