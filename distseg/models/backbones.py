@@ -72,6 +72,8 @@ BACKBONES: dict[str, BackboneSpec] = {
                                  note="ResNeXt-101 32x4d (closer to the study's FLOPs ratio)"),
     "xception71": _pyramid("xception71.tf_in1k", note="Aligned Xception-71, TensorFlow DeepLab weights"),
     "test_resnet": _pyramid("test_resnet.r160_in1k", tiny=True, note="timm's 0.4M-parameter test ResNet"),
+    "test_byobnet": _pyramid("test_byobnet.r160_in1k", tiny=True,
+                             note="timm's 0.5M-parameter test ByobNet (nested feature names)"),
     "resnet18": _pyramid("resnet18.tv_in1k", tiny=True, note="ResNet-18, a small real encoder"),
 }
 """Registry of encoders by key. timm 1.0 has no ResNet-101-IBN-a, so the study's IBN row has no entry."""

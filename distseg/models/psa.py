@@ -20,7 +20,7 @@ class ChannelPSA(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         hidden = channels // 2
-        self.query = nn.Conv2d(channels, 1, 1)
+        self.query = nn.Conv2d(channels, 1, 1, bias=False)  # a bias would cancel in the softmax
         self.value = nn.Conv2d(channels, hidden, 1)
         self.up = nn.Conv2d(hidden, channels, 1)
         self.norm = nn.LayerNorm(channels)
