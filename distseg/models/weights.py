@@ -103,15 +103,18 @@ def load_weights(model: nn.Module, source: str | Path | StateDict, *, allow_clas
     state = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
     own = model.state_dict()
     classifier = _classifier_keys(model)
-    skipped = []
+    skipped, wrong = [], []
     for key in sorted(set(state) & set(own)):
         if state[key].shape == own[key].shape:
             continue
         if allow_classifier_mismatch and key in classifier:
             skipped.append(key)
-            continue
-        raise WeightsError(f"{where}: shape mismatch for {key}: source {tuple(state[key].shape)} "
-                           f"vs model {tuple(own[key].shape)}")
+        else:
+            wrong.append(f"{key}: source {tuple(state[key].shape)} vs model {tuple(own[key].shape)}")
+    if wrong:
+        hint = ("; for a new class set pass allow_classifier_mismatch=True"
+                if all(w.split(":")[0] in classifier for w in wrong) else "")
+        raise WeightsError(f"{where}: shape mismatch for {'; '.join(wrong)}{hint}")
     report = LoadReport(missing=tuple(sorted(set(own) - set(state))),
                         unexpected=tuple(sorted(set(state) - set(own))), skipped_classifier=tuple(skipped))
     if strict and (report.missing or report.unexpected):
