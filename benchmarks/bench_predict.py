@@ -87,16 +87,32 @@ def write_raster(path: Path, size: int) -> None:
             dst.write(np.stack(bands).astype(np.uint8), window=Window(0, y, size, len(rows)))
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux's VmHWM restarts at exec; ru_maxrss would also count the
+    parent's memory at the fork that started this subprocess, so it is only the fallback."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_worker(raster: str, out: str, tile: int) -> None:
     """Subprocess body: predict one raster with a 1×1 conv and print the peak RSS in MiB."""
+    import rasterio  # noqa: F401  (loaded before the baseline is taken, so GDAL's libraries count there)
+
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Conv2d(3, NUM_CLASSES, 1)
     cfg = PredictConfig(tile=tile, overlap=0.25, batch_size=8, color=False)
+    baseline = peak_rss_mib()  # interpreter, torch, rasterio
     start = time.perf_counter()
     predict_file(model, class_map(), raster, out, cfg, progress=False)
     seconds = time.perf_counter() - start
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": seconds}))
+    peak = peak_rss_mib()
+    print(json.dumps({"peak_rss_mib": peak, "baseline_rss_mib": baseline, "prediction_rss_mib": peak - baseline,
+                      "seconds": seconds}))
 
 
 def memory_vs_size(sizes: list[int], tile: int) -> list[dict]:
@@ -111,7 +127,8 @@ def memory_vs_size(sizes: list[int], tile: int) -> list[dict]:
             stats = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append({"size": size, "megapixels": size * size / 1e6,
                          "decoded_input_mib": size * size * 3 / 2**20, **stats})
-            print(f"  {size:>6} px: peak RSS {stats['peak_rss_mib']:.0f} MiB in {stats['seconds']:.1f} s", flush=True)
+            print(f"  {size:>6} px ({size * size / 1e6:5.0f} MP): peak RSS {stats['peak_rss_mib']:.0f} MiB, "
+                  f"{stats['prediction_rss_mib']:.0f} MiB above the imports, {stats['seconds']:.1f} s", flush=True)
             raster.unlink()
             for f in (Path(tmp) / "out").iterdir():
                 f.unlink()

@@ -177,3 +177,16 @@ def test_model_returning_wrong_size_is_reported():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PredictConfig(**kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_prediction_matches_cpu():
+    model, image = conv_model(), random_image(200, 330)
+    cfg = PredictConfig(tile=64, overlap=0.25, chunk_width=128, tta=True)
+    cpu = predict_array(model, image, 4, cfg)
+    gpu = predict_array(conv_model(), image, 4, cfg, device="cuda")
+    assert (gpu.labels == cpu.labels).mean() > 0.999
+    np.testing.assert_allclose(gpu.confidence, cpu.confidence, atol=1e-4)
+    half = predict_array(conv_model(), image, 4, PredictConfig(tile=64, dtype="float16"), device="cuda")
+    assert (half.labels == cpu.labels).mean() > 0.99
