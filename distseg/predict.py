@@ -59,9 +59,13 @@ def resolve_device(name: str) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    try:
+        device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    except RuntimeError:
+        raise PredictError(f"--device {name!r}: not a torch device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PredictError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
+    return device
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:

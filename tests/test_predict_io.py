@@ -124,7 +124,7 @@ def test_failure_mid_raster_leaves_no_outputs(tmp_path):
 
 
 def test_band_count_and_dtype_errors_say_how_to_fix(tmp_path):
-    four = write_geotiff(tmp_path / "rgbn.tif", random_image(50, 50)[:, :, [0, 1, 2, 0]])
+    four = write_geotiff(tmp_path / "rgbn.tif", random_image(50, 50)[:, :, [0, 1, 2, 0]], nodata=None)
     with pytest.raises(PredictError, match=r"rgbn.tif: has 4 band\(s\).*--bands 1,2,3"):
         predict_file(conv_model(), tiny_class_map(), four, tmp_path, PredictConfig(tile=32), progress=False)
     predict_file(conv_model(), tiny_class_map(), four, tmp_path, PredictConfig(tile=32, bands=(3, 2, 1)),
@@ -154,6 +154,17 @@ def test_unsupported_and_colliding_inputs(tmp_path):
                       PredictConfig(), progress=False)
 
 
+def test_folders_expand_to_supported_visible_files_sorted(tmp_path):
+    from distseg.inference.raster import expand_inputs
+
+    for name in ("b.jpg", "a.TIF", ".a_mask.png.partial", ".hidden.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in expand_inputs([tmp_path])] == ["a.TIF", "b.jpg"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PredictError, match="empty: folder holds no"):
+        expand_inputs([tmp_path / "empty"])
+
+
 # ---- CLI ----------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -179,6 +190,7 @@ def test_cli_writes_outputs_and_prints_area_table(tmp_path, fake_loader):
 @pytest.mark.parametrize("extra,message", [
     (["--bands", "1,x"], "--bands '1,x'"),
     (["--overlap", "0.95"], "overlap must be"),
+    (["--device", "tpu9"], "not a torch device"),
     (["--classes", "{classes5}"], "the weights and the class map disagree"),
     (["--out", "{existing}"], "output exists; pass --force"),
 ])
@@ -190,8 +202,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, fake_loader, extra, mess
     (tmp_path / "existing" / "a_mask.png").write_bytes(b"")
     (tmp_path / "stage").mkdir()
     extra = [e.format(classes5=classes5, existing=tmp_path / "existing") for e in extra]
+    device = [] if "--device" in extra else ["--device", "cpu"]
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "stage"), str(tmp_path / "a.png"), "--out",
-                                      str(tmp_path / "out"), "--device", "cpu", *extra])
+                                      str(tmp_path / "out"), *device, *extra])
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output

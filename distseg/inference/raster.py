@@ -121,6 +121,9 @@ def _load_image(path: Path, bands: Sequence[int] | None, scale: float | None) ->
             if img.mode == "P":
                 img = img.convert("RGB")
             array = np.asarray(img)
+    except Image.DecompressionBombError:
+        raise PredictError(f"{path}: too large to decode in memory; convert it to a tiled GeoTIFF (e.g. "
+                           f"gdal_translate -co TILED=YES) so it is read window by window") from None
     except OSError as exc:
         raise PredictError(f"{path}: cannot read image: {exc}") from None
     if array.ndim == 2:
@@ -199,11 +202,12 @@ def open_reader(path: str | Path, bands: Sequence[int] | None = None, scale: flo
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """Files and folders -> the list of files to predict (folders: supported files, sorted, not recursive)."""
+    """Files and folders -> the files to predict (folders: supported, non-hidden files, sorted, not recursive)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES)
+            found = sorted(f for f in p.iterdir()
+                           if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES and not f.name.startswith("."))
             if not found:
                 raise PredictError(f"{p}: folder holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
             files.extend(found)
