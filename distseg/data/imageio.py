@@ -77,19 +77,32 @@ def load_mask(path: Path, rgb: bool) -> np.ndarray:
     raise DataError(f"{path}: unsupported mask mode {im.mode}")
 
 
-def encode_png(array: np.ndarray) -> bytes:
-    """Losslessly encode a uint8 H×W or H×W×3 array as PNG (fast compression: shards are read often)."""
+def encode_png(array: np.ndarray, level: int = 1) -> bytes:
+    """Losslessly encode a uint8 H×W or H×W×3 array as PNG (``level``: zlib effort, 0-9)."""
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(array).save(buf, format="PNG", compress_level=level)
     return buf.getvalue()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> uint8 H×W×3 (used by the stream; errors surface as exceptions)."""
+def open_image(data: bytes) -> Image.Image:
+    """Encoded image bytes -> decoded RGB PIL image (the stream keeps PIL images until the crop)."""
     im = Image.open(io.BytesIO(data))
-    return np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+    im.load()
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def open_mask(data: bytes) -> Image.Image:
+    """PNG index-mask bytes -> decoded PIL image (mode L)."""
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 H×W×3."""
+    return np.asarray(open_image(data))
 
 
 def decode_mask(data: bytes) -> np.ndarray:
     """PNG index-mask bytes -> uint8 H×W."""
-    return np.asarray(Image.open(io.BytesIO(data)))
+    return np.asarray(open_mask(data))

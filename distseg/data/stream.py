@@ -8,8 +8,8 @@ batches. Images come out as float32 B×3×H×W in [0, 1] (the model normalises),
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
-import tarfile
 import warnings
 from collections import deque
 from pathlib import Path
@@ -17,12 +17,14 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distseg.data.augment import AugmentConfig, apply_cutmix, brightness, cutmix_boxes, strong_photometric
-from distseg.data.augment import weak_geometric
+from distseg.data import tario
+from distseg.data.augment import (AugmentConfig, apply_cutmix, brightness_factors, cutmix_boxes, strong_photometric,
+                                  to_float, weak_geometric)
 from distseg.data.errors import DataError
-from distseg.data.imageio import decode_image, decode_mask
+from distseg.data.imageio import open_image, open_mask
 from distseg.data.manifest import read_manifest, split_shards
 from distseg.data.plan import SampleRef, SlotPlan, plan_epoch, select_samples
 
@@ -65,7 +67,7 @@ class StreamConfig:
 
 
 def read_samples(path: Path, refs: list[SampleRef]) -> Iterator[tuple[SampleRef, dict[str, bytes] | Exception]]:
-    """Yield the wanted samples of one tar (``refs`` sorted by position), skipping the others' data.
+    """Yield the wanted samples of one tar (``refs`` sorted by position), seeking over the others.
 
     A read error (missing or truncated shard) is yielded as the exception for every wanted sample
     not read yet, so the caller counts them as corrupt instead of crashing.
@@ -74,26 +76,27 @@ def read_samples(path: Path, refs: list[SampleRef]) -> Iterator[tuple[SampleRef,
     last = max(wanted)
     done: set[int] = set()
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open(path, "rb") as f:
+            tar = tario.TarStream(f, path)
             pos, key, fields = -1, None, {}
-            for member in tar:
-                base = member.name.rsplit("/", 1)[-1]
-                mkey, _, field = base.partition(".")
+            for name in tar:
+                mkey, _, field = name.rsplit("/", 1)[-1].partition(".")
                 if mkey != key:
                     if pos in wanted:
                         yield wanted[pos], fields
                         done.add(pos)
                     pos, key, fields = pos + 1, mkey, {}
                     if pos > last:
-                        return
-                if pos in wanted:
-                    if mkey != wanted[pos].key:
+                        break
+                    if pos in wanted and mkey != wanted[pos].key:
                         raise DataError(f"{path}: sample {pos} is {mkey!r}, manifest says {wanted[pos].key!r}")
-                    fields[field] = tar.extractfile(member).read()
-            if pos in wanted:
-                yield wanted[pos], fields
-                done.add(pos)
-    except (tarfile.TarError, OSError, EOFError) as exc:
+                if pos in wanted:
+                    fields[field] = tar.read()
+            else:
+                if pos in wanted:
+                    yield wanted[pos], fields
+                    done.add(pos)
+    except OSError as exc:
         for pos, ref in wanted.items():
             if pos not in done:
                 yield ref, exc
@@ -117,16 +120,25 @@ def shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Itera
     yield from buf
 
 
-def decode(fields: dict[str, bytes], key: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image (H×W×3 uint8) and index mask (H×W uint8 or None) of one raw sample."""
+def decode(fields: dict[str, bytes], key: str) -> tuple[Image.Image, Image.Image | None]:
+    """Decoded RGB image and index mask (None for unlabelled samples) of one raw sample."""
     data = next((fields[f] for f in IMAGE_FIELDS if f in fields), None)
     if data is None:
         raise DataError(f"sample {key!r} has no image field (found {sorted(fields)})")
-    image = decode_image(data)
-    mask = decode_mask(fields[MASK_FIELD]) if MASK_FIELD in fields else None
-    if mask is not None and mask.shape != image.shape[:2]:
-        raise DataError(f"sample {key!r}: mask {mask.shape} and image {image.shape[:2]} differ")
+    image = open_image(data)
+    mask = open_mask(fields[MASK_FIELD]) if MASK_FIELD in fields else None
+    if mask is not None and mask.size != image.size:
+        raise DataError(f"sample {key!r}: mask {mask.size} and image {image.size} differ")
     return image, mask
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor; inside a loader worker it lives in shared memory already, so the DataLoader
+    hands it to the main process without another copy (what torch's default_collate does too)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    return proto.new(proto._typed_storage()._new_shared(math.prod(shape))).view(shape)
 
 
 class ShardStream(IterableDataset):
@@ -174,7 +186,7 @@ class ShardStream(IterableDataset):
                             f"{self.rank}, above max_error_rate={self.cfg.max_error_rate} of {planned} samples")
 
     def _decoded(self, plan: SlotPlan, rng: np.random.Generator,
-                 planned: int) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+                 planned: int) -> Iterator[tuple[str, Image.Image, Image.Image | None]]:
         """Decoded (key, image, mask) of the slot: shuffled in train mode, padded to the quota."""
         raw = self._raw(plan)
         if self.train:
@@ -213,6 +225,8 @@ class ShardStream(IterableDataset):
         for key, image, mask in self._decoded(plan, rng, planned):
             if self.train:
                 image, mask = weak_geometric(image, mask, self.cfg.augment, rng, self.ignore_index)
+            else:
+                image, mask = np.asarray(image), (np.asarray(mask) if mask is not None else None)
             batch.append((key, image, mask))
             if len(batch) == self.cfg.batch_size:
                 yield self._collate(batch, gen)
@@ -232,14 +246,14 @@ class ShardStream(IterableDataset):
             images[i, : im.shape[0], : im.shape[1]] = im
             if masks is not None:
                 masks[i, : m.shape[0], : m.shape[1]] = m
+        factors = brightness_factors(len(items), self.cfg.augment.brightness, gen) if self.train else None
         out: dict[str, Any] = {"key": [k for k, _, _ in items],
-                               "image": torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255).contiguous()}
+                               "image": to_float(torch.from_numpy(images), factors,
+                                                 out=_alloc((len(items), 3, h, w), torch.float32))}
         if masks is not None:
-            out["mask"] = torch.from_numpy(masks).long()
-        if self.train:
-            out["image"] = brightness(out["image"], self.cfg.augment.brightness, gen)
-            if "strong" in self.views:
-                self._add_strong(out, gen)
+            out["mask"] = _alloc(masks.shape, torch.int64).copy_(torch.from_numpy(masks))
+        if self.train and "strong" in self.views:
+            self._add_strong(out, gen)
         return out
 
     def _add_strong(self, out: dict[str, Any], gen: torch.Generator) -> None:

@@ -67,7 +67,7 @@ class SplitWriter:
         self._finish()
         name = f"{self.split}-{len(self.shards):06d}.tar"
         self._path = self.out_dir / name
-        self._tar = wds.TarWriter(str(self._path), encoder=False, mtime=0.0)  # mtime 0: reproducible sha256
+        self._tar = wds.TarWriter(str(self._path), encoder=False, mtime=0)  # fixed int mtime: reproducible, no PAX
         self._keys, self._bytes = [], 0
 
     def _full(self, size: int) -> bool:

@@ -1,0 +1,128 @@
+"""Data loading throughput: shard streaming vs a folder DataLoader vs raw decode, in one run.
+
+    python benchmarks/bench_data.py --images 256 --size 256 --workers 2 --repeats 3
+
+All three read the same samples with the same number of worker processes:
+
+* ``stream``  - ``distseg.data.stream.build_loader`` (train mode: shuffle, decode, weak augment, batch)
+* ``folder``  - a map-style Dataset over the image/mask folders through ``torch.utils.data.DataLoader``
+                doing the same decode, class-map encoding, weak augment and batching
+* ``decode``  - decode image + mask only, nothing else (the upper bound)
+
+Prints samples/s and the ratios stream/decode (target >= 0.9) and stream/folder (target >= 1), and
+saves JSON under benchmarks/results/. ``--data DIR`` uses an existing images/masks/classes.yaml folder
+instead of generating synthetic scenes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from distseg.data.augment import AugmentConfig, brightness_factors, to_float, weak_geometric
+from distseg.data.classes import ClassMap
+from distseg.data.imageio import decode_image, list_images, load_mask
+from distseg.data.shard import shard_dataset
+from distseg.data.stream import StreamConfig, build_loader
+from distseg.data.synthetic import write_dataset
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class FolderDataset(Dataset):
+    """The conventional baseline: one file pair per item, decoded and augmented in the worker."""
+
+    def __init__(self, root: Path, aug: AugmentConfig | None) -> None:
+        self.images = list_images(root / "images", "image")
+        self.masks = list_images(root / "masks", "mask")
+        self.keys = sorted(self.images)
+        self.class_map = ClassMap.from_file(root / "classes.yaml")
+        self.rgb = any(e.color is not None for e in self.class_map.entries)
+        self.aug = aug
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        key = self.keys[i]
+        image = decode_image(self.images[key].read_bytes())
+        mask = self.class_map.encode(load_mask(self.masks[key], self.rgb), self.masks[key])
+        if self.aug is None:  # raw decode: return something tiny so IPC does not dominate
+            return image.shape[0] + mask.shape[0]
+        rng = np.random.default_rng(i)
+        image, mask = weak_geometric(image, mask, self.aug, rng, self.class_map.ignore_index)
+        return torch.from_numpy(image), torch.from_numpy(mask.astype(np.int64))
+
+
+def folder_collate(items, aug: AugmentConfig):
+    """Stack crops into the same float [0, 1] batch layout the stream yields."""
+    factors = brightness_factors(len(items), aug.brightness, torch.Generator().manual_seed(0))
+    return {"image": to_float(torch.stack([i for i, _ in items]), factors), "mask": torch.stack([m for _, m in items])}
+
+
+def timed(loader, samples_of) -> tuple[float, int]:
+    """Wall time and sample count of one full pass (worker start-up included: it is part of an epoch)."""
+    start, n = time.perf_counter(), 0
+    for item in loader:
+        n += samples_of(item)
+    return time.perf_counter() - start, n
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    root = Path(args.data) if args.data else write_dataset(tmp / "src", args.images, args.size, seed=0,
+                                                           image_format="jpg")
+    shard_dataset(tmp / "shards", images=root / "images", masks=root / "masks", classes=root / "classes.yaml",
+                  split="1:0:0", shard_size=args.shard_size)
+    aug = AugmentConfig(crop_size=args.crop)
+    cfg = StreamConfig(batch_size=args.batch, num_workers=args.workers, shuffle_buffer=64, augment=aug)
+    stream = build_loader(tmp / "shards", "train", cfg)
+    folder = DataLoader(FolderDataset(root, aug), batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                        collate_fn=lambda items: folder_collate(items, aug), drop_last=False)
+    decode = DataLoader(FolderDataset(root, None), batch_size=None, shuffle=True, num_workers=args.workers)
+    runs: dict[str, list[float]] = {"stream": [], "folder": [], "decode": []}
+    for rep in range(args.repeats):  # interleaved so machine load drifts affect all three alike
+        stream.set_epoch(rep)
+        for name, loader, count in (("decode", decode, lambda x: 1), ("folder", folder, lambda b: len(b["mask"])),
+                                    ("stream", stream, lambda b: len(b["key"]))):
+            seconds, n = timed(loader, count)
+            runs[name].append(n / seconds)
+    best = {k: max(v) for k, v in runs.items()}
+    return {"samples_per_s": best, "all_runs": runs,
+            "stream_over_decode": best["stream"] / best["decode"], "stream_over_folder": best["stream"] / best["folder"],
+            "settings": {**vars(args), "samples": len(FolderDataset(root, None)), "cpu": platform.processor(),
+                         "torch": torch.__version__}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", help="folder with images/, masks/, classes.yaml (default: synthetic scenes)")
+    parser.add_argument("--images", type=int, default=256, help="synthetic images to generate")
+    parser.add_argument("--size", type=int, default=256, help="synthetic image side in pixels")
+    parser.add_argument("--crop", type=int, default=224, help="training crop size")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--shard-size", default="64")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(RESULTS / "bench_data.json"))
+    args = parser.parse_args()
+    result = run(args)
+    for name, value in result["samples_per_s"].items():
+        print(f"{name:>7}: {value:8.1f} samples/s")
+    print(f"stream / decode = {result['stream_over_decode']:.2f}  (target >= 0.9)")
+    print(f"stream / folder = {result['stream_over_folder']:.2f}  (target >= 1.0)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
