@@ -5,15 +5,20 @@ imported inside the command so ``distseg --help`` stays instant.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+_TABLES_MAX = 5
+"""Up to this many inputs get a table each; more get one combined table."""
+
 
 def _fail(message: str) -> None:
-    """Report bad input as one stderr line and exit with status 2 (the CLI convention)."""
-    typer.echo(f"error: {message}", err=True)
+    """Report bad input as one stderr line (once, from rank 0 under a launcher) and exit with status 2."""
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
 
@@ -56,7 +61,7 @@ def predict(
     from distseg.data.errors import DataError
     from distseg.engine.checkpoint import CheckpointError
     from distseg.inference.errors import PredictError
-    from distseg.inference.summary import print_summary
+    from distseg.inference.summary import combine, print_summary
     from distseg.models.weights import WeightsError
     from distseg.predict import PredictConfig, init_distributed, predict_paths, resolve_device
 
@@ -68,15 +73,21 @@ def predict(
         _fail(str(exc))
     try:
         torch_device = resolve_device(cfg.device)
-        rank, _ = init_distributed(torch_device)
-        model, class_map = _load(weights, torch_device, model_config, classes)
-        summaries = predict_paths(model, class_map, inputs, out, cfg, torch_device, progress=not quiet)
+        rank, world_size = init_distributed(torch_device)
+        try:
+            model, class_map = _load(weights, torch_device, model_config, classes)
+            summaries = predict_paths(model, class_map, inputs, out, cfg, torch_device, progress=not quiet)
+        finally:
+            if world_size > 1:
+                import torch.distributed
+
+                torch.distributed.destroy_process_group()
     except (PredictError, CheckpointError, DataError, ConfigError, WeightsError) as exc:
         _fail(str(exc))
     if rank == 0 and not quiet:
-        for summary in summaries:
+        for summary in summaries if len(summaries) <= _TABLES_MAX else [combine(summaries)]:
             print_summary(summary)
-        typer.echo(f"wrote {len(summaries)} prediction(s) to {out}")
+        typer.echo(f"wrote {len(summaries)} prediction(s) to {out} (per-file areas in <name>_summary.json)")
 
 
 def _load(weights: Path, device: object, model_config: Optional[Path], classes: Optional[Path]) -> tuple:

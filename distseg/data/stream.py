@@ -155,7 +155,8 @@ class ShardStream(IterableDataset):
         cmap = manifest.get("class_map")
         self.ignore_index = cmap["ignore_index"] if cmap else 255
         self.cfg, self.rank, self.world_size, self.train, self.views = cfg, rank, world_size, train, views
-        self.epoch = 0
+        # Shared with the (persistent) workers: set_epoch in the main process reaches them.
+        self.epoch = multiprocessing.Value("q", 0)
         self.corrupt = multiprocessing.Value("q", 0)
         self.seen = multiprocessing.Value("q", 0)
 
@@ -163,7 +164,7 @@ class ShardStream(IterableDataset):
         """This rank's worker plans for the current epoch."""
         return plan_epoch(self.samples, rank=self.rank, world_size=self.world_size,
                           num_workers=self.cfg.num_workers, batch_size=self.cfg.batch_size,
-                          seed=self.cfg.seed, epoch=self.epoch, train=self.train)
+                          seed=self.cfg.seed, epoch=self.epoch.value, train=self.train)
 
     def _raw(self, plan: SlotPlan) -> Iterator[tuple[SampleRef, dict[str, bytes] | Exception]]:
         """Read the slot's samples shard by shard, in plan order."""
@@ -219,7 +220,7 @@ class ShardStream(IterableDataset):
         plans = self.plans()
         plan = plans[worker]
         planned = sum(p.quota if p.quota is not None else len(p.refs) for p in plans)
-        rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, worker])
+        rng = np.random.default_rng([self.cfg.seed, self.epoch.value, self.rank, worker])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         batch: list[tuple[str, np.ndarray, np.ndarray | None]] = []
         for key, image, mask in self._decoded(plan, rng, planned):
@@ -274,11 +275,11 @@ class ShardLoader:
         self.stream = stream
         cfg = stream.cfg
         self._loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
-                                  pin_memory=cfg.pin_memory, persistent_workers=False)
+                                  pin_memory=cfg.pin_memory, persistent_workers=cfg.num_workers > 0)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle deterministically from (seed, epoch) (train mode); call before iterating."""
-        self.stream.epoch = epoch
+        self.stream.epoch.value = epoch
 
     def __len__(self) -> int:
         return sum(p.batches for p in self.stream.plans())

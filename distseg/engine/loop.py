@@ -32,11 +32,14 @@ class StageProgram(Protocol):
     def after_step(self, applied: bool) -> None:
         """Called once per optimizer step, with whether the optimizer really stepped (fp16 overflow skips)."""
 
+    def sync(self) -> None:
+        """Collective: make BN buffers (of every model the stage saves) identical across ranks."""
+
     def evaluate(self) -> dict[str, Any]:
         """Validate; return metrics with a ``'score'`` key (higher is better) used to keep the best model."""
 
     def export(self, folder: Path) -> None:
-        """Write the weights a later stage or ``predict`` uses (rank 0 only is called)."""
+        """Write the weights a later stage or ``predict`` uses (rank 0 only; no collectives here)."""
 
     def save_extra(self, folder: Path) -> None:
         """Save state DeepSpeed does not own (an EMA teacher) into a checkpoint tag folder (rank 0)."""
@@ -146,6 +149,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """All ranks write their DeepSpeed shards; rank 0 marks the tag COMPLETE only after everyone finished."""
         tag = f"step{self.step:08d}"
+        self.p.sync()
         client = {"step": self.step, "best": self.best, "streams": [s.state() for s in self.p.streams]}
         self.p.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
         tag_dir = self.ckpt_dir / tag
@@ -177,6 +181,7 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------------------------
     def evaluate(self, log: RunLog) -> dict[str, Any]:
+        self.p.sync()
         metrics = self.p.evaluate()
         log.write({"step": self.step, "eval": metrics})
         if metrics["score"] > self.best["score"]:

@@ -40,14 +40,29 @@ def write_summary(summary: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary over several inputs (same classes): pixels and areas add up; area only if all have it."""
+    first = summaries[0]
+    georef = all(s["pixel_area_m2"] is not None for s in summaries)
+    valid = sum(s["valid_pixels"] for s in summaries)
+    classes = []
+    for i, c in enumerate(first["classes"]):
+        pixels = sum(s["classes"][i]["pixels"] for s in summaries)
+        area = sum(s["classes"][i]["area_m2"] for s in summaries) if georef else None
+        classes.append({**c, "pixels": pixels, "fraction": pixels / valid if valid else 0.0, "area_m2": area})
+    return {"input": f"{len(summaries)} files", "height": None, "width": None, "valid_pixels": valid,
+            "nodata_pixels": sum(s["nodata_pixels"] for s in summaries),
+            "pixel_area_m2": first["pixel_area_m2"] if georef else None, "classes": classes}
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """The summary as a rich table on stdout."""
     from rich.console import Console
     from rich.table import Table
 
     georef = summary["pixel_area_m2"] is not None
-    table = Table(title=f"{summary['input']} ({summary['width']}×{summary['height']} px, "
-                        f"{summary['nodata_pixels']} nodata)")
+    size = f"{summary['width']}×{summary['height']} px, " if summary["width"] is not None else ""
+    table = Table(title=f"{Path(summary['input']).name} ({size}{summary['nodata_pixels']:,} nodata px)")
     for column in ("class", "pixels", "share") + (("area m²",) if georef else ()):
         table.add_column(column, justify="left" if column == "class" else "right")
     for c in summary["classes"]:

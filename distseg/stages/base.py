@@ -64,8 +64,11 @@ class StageBase:
         result = evaluate_model(self.engine.module, self.val_loader, self.class_map, self.env, self.autocast)
         return {"score": result["miou"] if result["miou"] is not None else 0.0, "student": result}
 
-    def export(self, folder: Path) -> None:
+    def sync(self) -> None:
+        """Make BN buffers identical on every rank (collective: all ranks call it before evaluating or saving)."""
         sync_bn_buffers(self.engine.module)
+
+    def export(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         save_weights(self.engine.module, folder / ckpt.WEIGHTS, {"kind": self.kind})
 

@@ -13,7 +13,7 @@ from torch import nn
 from distseg.config import from_dict, to_dict
 from distseg.data.classes import ClassMap
 from distseg.engine import checkpoint as ckpt
-from distseg.engine.distributed import DistEnv, barrier, sync_bn_buffers
+from distseg.engine.distributed import DistEnv, barrier
 from distseg.engine.metrics import ConfusionMatrix
 from distseg.models import ModelConfig, build_model
 from distseg.models.weights import load_weights
@@ -100,7 +100,6 @@ def make_loader(shards: str, split: str, stream_cfg, env: DistEnv, *, batch_size
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader, class_map: ClassMap, env: DistEnv, autocast) -> dict[str, Any]:
     """Whole-tile validation: one confusion matrix over the split, summed across ranks."""
-    sync_bn_buffers(model)
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(class_map.num_classes, class_map.ignore_index, device=env.device)

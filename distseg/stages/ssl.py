@@ -90,8 +90,11 @@ class SSLStage(StageBase):
     def after_step(self, applied: bool) -> None:
         self.ema.update(applied)
 
-    def evaluate(self) -> dict[str, Any]:
+    def sync(self) -> None:
+        super().sync()
         sync_bn_buffers(self.teacher)
+
+    def evaluate(self) -> dict[str, Any]:
         teacher = evaluate_model(self.teacher, self.val_loader, self.class_map, self.env, self.autocast)
         student = evaluate_model(self.engine.module, self.val_loader, self.class_map, self.env, self.autocast)
         self.teacher.eval()
@@ -99,7 +102,6 @@ class SSLStage(StageBase):
 
     def export(self, folder: Path) -> None:
         """``model.safetensors`` is the teacher (the model to deploy); the student is kept beside it."""
-        sync_bn_buffers(self.engine.module)
         folder.mkdir(parents=True, exist_ok=True)
         save_weights(self.teacher, folder / ckpt.WEIGHTS, {"kind": "ssl-teacher"})
         save_weights(self.engine.module, folder / STUDENT_WEIGHTS, {"kind": "ssl-student"})
