@@ -92,16 +92,16 @@ def test_two_ranks_two_workers_equal_batches_no_duplicates(shards):
     assert sum(c - 1 for c in repeats.values()) == 2 * 5 * 3 - 27  # only the minimal padding repeats
 
 
-def test_epochs_reshuffle_deterministically(shards):
-    cfg = StreamConfig(batch_size=4, num_workers=0, augment=AugmentConfig(crop_size=16), seed=2)
+def test_epochs_reshuffle_deterministically_with_persistent_workers(shards):
+    cfg = StreamConfig(batch_size=4, num_workers=2, augment=AugmentConfig(crop_size=16), seed=2)
+    loader = build_loader(shards, "train", cfg)
 
     def order(epoch: int) -> list[str]:
-        loader = build_loader(shards, "train", cfg)
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch)  # must reach the persistent worker processes
         return [k for b in loader for k in b["key"]]
 
-    first, second = order(3), order(4)
-    assert first == order(3) and first != second
+    first, second, again = order(3), order(4), order(3)
+    assert first == again and first != second
     assert set(first) == set(second) and len(set(first)) == 27 and len(first) == 28
 
 
