@@ -78,6 +78,20 @@ def test_geotiff_without_projection_has_no_area_and_rows_span_tiff_strips(tmp_pa
         np.testing.assert_array_equal(ds.read(1), whole_image(conv_model(), image)[0])
 
 
+def test_combined_summary_adds_pixels_and_areas(tmp_path):
+    from distseg.inference.summary import combine
+
+    image, _ = geo_image()
+    for name in ("a", "b"):
+        write_geotiff(tmp_path / f"{name}.tif", image)
+    summaries = predict_paths(conv_model(), tiny_class_map(), [tmp_path], tmp_path / "out", PredictConfig(tile=64),
+                              progress=False)
+    total = combine(summaries)
+    assert [c["pixels"] for c in total["classes"]] == [2 * c["pixels"] for c in summaries[0]["classes"]]
+    assert total["classes"][0]["area_m2"] == pytest.approx(2 * summaries[0]["classes"][0]["area_m2"])
+    assert total["nodata_pixels"] == 2 * summaries[0]["nodata_pixels"] and total["input"] == "2 files"
+
+
 def test_png_outputs_have_the_input_size_and_expected_content(tmp_path):
     image = random_image(77, 133)
     Image.fromarray(image).save(tmp_path / "tile.png")
