@@ -117,3 +117,19 @@ def maybe_convert_sync_bn(module: nn.Module, env: DistEnv) -> nn.Module:
     if env.device.type == "cuda" and env.world_size > 1:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return module
+
+
+def rank_divergence(module: nn.Module) -> float:
+    """Largest difference between ranks in any tensor's sum or sum of squares (parameters and buffers).
+
+    A cheap end-of-stage check that data parallelism kept every replica identical (it catches unsynchronised BN
+    buffers, for instance). Collective: every rank must call it. Returns 0.0 in a single process.
+    """
+    tensors = [t.detach() for t in list(module.parameters()) + list(module.buffers())]
+    stats = torch.stack([torch.stack([t.double().sum(), t.double().pow(2).sum()]) for t in tensors]).reshape(-1)
+    if world_size() == 1:
+        return 0.0
+    gathered = [torch.empty_like(stats) for _ in range(world_size())]
+    dist.all_gather(gathered, stats)
+    stacked = torch.stack(gathered)
+    return float((stacked - stacked[0]).abs().max())

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from distseg.engine import checkpoint as ckpt
-from distseg.engine.distributed import DistEnv, barrier, broadcast_object
+from distseg.engine.distributed import DistEnv, barrier, broadcast_object, rank_divergence
 
 
 class StageProgram(Protocol):
@@ -46,6 +46,9 @@ class StageProgram(Protocol):
 
     def load_extra(self, folder: Path) -> None:
         """Restore what :meth:`save_extra` wrote (every rank)."""
+
+    def replicas(self) -> dict[str, torch.nn.Module]:
+        """The modules every rank holds a copy of, by name (checked for divergence at the end)."""
 
     def finish(self, folder: Path) -> None:
         """Work done once at the very end (e.g. the Fisher information), after the best weights are in place."""
@@ -254,8 +257,9 @@ def finalize(folder: Path, program: StageProgram, trainer: Trainer, env: DistEnv
             shutil.copy2(f, folder / f.name)
     barrier()
     program.finish(folder)
+    divergence = {name: rank_divergence(module) for name, module in program.replicas().items()}
     if env.is_main:
         record.update(finished=True, steps=trainer.step, best_step=trainer.best["step"],
-                      metrics=trainer.best["metrics"] or {})
+                      metrics=trainer.best["metrics"] or {}, rank_divergence=divergence)
         ckpt.write_json_atomic(folder / ckpt.STAGE_JSON, record)
     barrier()

@@ -68,6 +68,9 @@ class StageBase:
         """Make BN buffers identical on every rank (collective: all ranks call it before evaluating or saving)."""
         sync_bn_buffers(self.engine.module)
 
+    def replicas(self) -> dict[str, nn.Module]:
+        return {"student": self.engine.module}
+
     def export(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         save_weights(self.engine.module, folder / ckpt.WEIGHTS, {"kind": self.kind})

@@ -94,6 +94,9 @@ class SSLStage(StageBase):
         super().sync()
         sync_bn_buffers(self.teacher)
 
+    def replicas(self) -> dict[str, nn.Module]:
+        return {"student": self.engine.module, "teacher": self.teacher}
+
     def evaluate(self) -> dict[str, Any]:
         teacher = evaluate_model(self.teacher, self.val_loader, self.class_map, self.env, self.autocast)
         student = evaluate_model(self.engine.module, self.val_loader, self.class_map, self.env, self.autocast)
