@@ -212,17 +212,19 @@ def _write_all(tmp: Path, sources: list[Source], splits: dict[str, str], class_m
     writers: dict[str, SplitWriter] = {}
     num_classes = class_map.num_classes if class_map else 0
     ordered = sorted(sources, key=lambda s: (stable_hash(seed, "order", s.image.name), s.image.name))
-    with _progress(progress, len(ordered)) as bar:
-        task = bar.add_task("sharding", total=len(ordered)) if bar else None
-        for src in ordered:
-            for name, sample, mask in _samples(src, splits, class_map, unknown):
-                if name not in writers:
-                    writers[name] = SplitWriter(tmp, name, limit, num_classes)
-                writers[name].write(sample, mask, src.image.name)
-            if bar:
-                bar.advance(task)
-    for writer in writers.values():
-        writer.close()
+    try:
+        with _progress(progress, len(ordered)) as bar:
+            task = bar.add_task("sharding", total=len(ordered)) if bar else None
+            for src in ordered:
+                for name, sample, mask in _samples(src, splits, class_map, unknown):
+                    if name not in writers:
+                        writers[name] = SplitWriter(tmp, name, limit, num_classes)
+                    writers[name].write(sample, mask, src.image.name)
+                if bar:
+                    bar.advance(task)
+    finally:  # also on errors: an unclosed tar stream would write into the removed folder later
+        for writer in writers.values():
+            writer.close()
     return writers
 
 
