@@ -139,7 +139,7 @@ class RasterioReader:
         try:
             import rasterio
         except ImportError:
-            raise PredictError(f"{path}: reading GeoTIFFs needs rasterio: pip install 'distseg[geo]'") from None
+            raise PredictError(f"{path}: reading GeoTIFFs needs rasterio (a distseg dependency): pip install rasterio") from None
 
         self.path = path
         try:
