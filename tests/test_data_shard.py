@@ -154,6 +154,8 @@ def test_inspect_prints_tables(tmp_path):
     result = runner.invoke(app, ["shard-data", str(out), "--images", str(src / "images"), "--masks",
                                  str(src / "masks"), "--classes", str(src / "classes.yaml"), "--split", "4:1:1"])
     assert result.exit_code == 0, result.output
+    command = read_manifest(out)["command"]
+    assert command[:3] == ["distseg", "shard-data", str(out)] and command[command.index("--split") + 1] == "4:1:1"
     shown = runner.invoke(app, ["inspect", str(out)], terminal_width=200)
     assert shown.exit_code == 0
     for word in ("splits", "class pixel share", "farmland", "train-000000.tar", "val", "test"):

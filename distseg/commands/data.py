@@ -5,7 +5,6 @@ are imported inside the command bodies so ``distseg --help`` stays instant.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +15,15 @@ def _fail(message: str) -> None:
     """Report bad input as one stderr line and exit with status 2 (the CLI convention)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def _command_line(out: Path, options: dict[str, object]) -> list[str]:
+    """The canonical command (every option spelled out) recorded in the manifest to repeat a run."""
+    args = ["distseg", "shard-data", str(out)]
+    for flag, value in options.items():
+        if value is not None:
+            args += [flag, str(value)]
+    return args
 
 
 def shard_data(
@@ -45,8 +53,11 @@ def shard_data(
         manifest = shard_dataset(
             out=out, images=images, masks=masks, unlabeled=unlabeled, classes=classes, tile=tile,
             overlap=overlap, split=split, labeled_fraction=labeled_fraction, group_by=group_by, seed=seed,
-            shard_size=shard_size, unknown=unknown, force=force, command=["distseg", *sys.argv[1:]],
-            progress=True)
+            shard_size=shard_size, unknown=unknown, force=force, progress=True,
+            command=_command_line(out, {"--images": images, "--masks": masks, "--unlabeled": unlabeled,
+                                        "--classes": classes, "--tile": tile, "--overlap": overlap, "--split": split,
+                                        "--labeled-fraction": labeled_fraction, "--group-by": group_by,
+                                        "--seed": seed, "--shard-size": shard_size, "--unknown": unknown}))
     except DataError as exc:
         _fail(str(exc))
     counts = ", ".join(f"{name}: {s['samples']}" for name, s in manifest["splits"].items())
