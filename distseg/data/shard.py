@@ -63,15 +63,17 @@ def _collect(images: Path | None, masks: Path | None, unlabeled: Path | None,
                 if stem not in found:
                     raise DataError(f"{path}: mask has no image in {images}")
         for stem, path in found.items():
-            mask = mask_files[stem] if masks is not None else None
-            sources.append(Source(path, mask, group_of(path.name, pattern)))
+            if masks is None:  # unlabelled images are not split, so --group-by does not apply to them
+                sources.append(Source(path, None, group_of(path.name, None)))
+            else:
+                sources.append(Source(path, mask_files[stem], group_of(path.name, pattern)))
     if unlabeled is not None:
-        sources += [Source(p, None, group_of(p.name, pattern)) for p in list_images(unlabeled, "unlabeled").values()]
+        sources += [Source(p, None, group_of(p.name, None)) for p in list_images(unlabeled, "unlabeled").values()]
     return sources
 
 
 def _plan(sources: list[Source], tile: int | None, overlap: int, ratios: dict[str, float], seed: int) -> None:
-    """Fill in sizes, crops, keys and splits from headers; moves unkept train tiles to 'unlabeled'."""
+    """Fill in sizes, crops, keys and the split of every labelled source, from file headers only."""
     seen: dict[str, Path] = {}
     for src in sources:
         src.width, src.height = image_size(src.image)
