@@ -75,8 +75,8 @@ def test_bench_infer_rows_warmup_and_timing():
 
 def test_bench_infer_bf16_on_a_real_model():
     model = build_model(ModelConfig(backbone="test_resnet", **SMALL_HEAD))
-    (row,) = bench_infer(model, 32, batch_sizes=(2,), dtype="bf16", warmup=1, iters=1)
-    assert row["images_per_s"] > 0
+    (row,) = bench_infer(model, 32, batch_sizes=(2,), dtype=torch.bfloat16, warmup=1, iters=1)
+    assert row["images_per_s"] > 0 and row["dtype"] == "bf16"
 
 
 @pytest.mark.parametrize("kwargs, match", [({"dtype": "fp16"}, "fp16 autocast needs CUDA"),

@@ -54,6 +54,12 @@ def test_torch_file_with_container_loads_and_pickles_are_refused(tmp_path):
         load_weights(target, tmp_path / "absent.safetensors")
 
 
+def test_wrapper_prefix_is_stripped():
+    source, target = _model(0), _model(1)
+    report = load_weights(target, {f"module.{k}": v for k, v in source.state_dict().items()}, strict=True)
+    assert report.missing == () and torch.equal(target.classifier.weight, source.classifier.weight)
+
+
 def test_save_rejects_non_string_metadata(tmp_path):
     with pytest.raises(WeightsError, match="metadata"):
         save_weights(_model(0), tmp_path / "m.safetensors", {"epoch": 3})

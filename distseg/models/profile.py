@@ -77,6 +77,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    """Accept ``torch.bfloat16`` as well as ``"bf16"``, so callers can pass either."""
+    if isinstance(dtype, torch.dtype):
+        return next((name for name, dt in _DTYPES.items() if dt == dtype), str(dtype))
+    return dtype
+
+
 def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     """Autocast for ``bf16``/``fp16``, nothing for ``fp32``; fp16 is refused on CPU."""
     if dtype not in _DTYPES:
@@ -103,7 +110,7 @@ def _time_batch(model: nn.Module, x: torch.Tensor, warmup: int, iters: int,
 
 
 def bench_infer(model: nn.Module, size: Size, batch_sizes: Sequence[int] = (1, 8), channels_last: bool = False,
-                dtype: str = "fp32", compile: bool = False, device: str | torch.device = "cpu",
+                dtype: str | torch.dtype = "fp32", compile: bool = False, device: str | torch.device = "cpu",
                 warmup: int = 3, iters: int = 10, in_chans: int = 3) -> list[dict]:
     """Inference throughput per batch size: one dict per batch with images/s and ms per batch.
 
@@ -111,7 +118,7 @@ def bench_infer(model: nn.Module, size: Size, batch_sizes: Sequence[int] = (1, 8
     mode. Warm-up forwards run before timing (they absorb cuDNN autotuning and ``torch.compile``), and
     CUDA is synchronised before and after the timed loop.
     """
-    device = torch.device(device)
+    device, dtype = torch.device(device), _dtype_name(dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device is cuda but CUDA is not available")
     if warmup < 0 or iters < 1 or not batch_sizes or min(batch_sizes) < 1:

@@ -86,6 +86,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _unwrap(obj, path)
 
 
+def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix that DDP and DeepSpeed wrappers add to every key."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def _classifier_keys(model: nn.Module) -> set[str]:
     classifier = getattr(model, "classifier", None)
     return {f"classifier.{k}" for k in classifier.state_dict()} if isinstance(classifier, nn.Module) else set()
@@ -97,10 +104,11 @@ def load_weights(model: nn.Module, source: str | Path | StateDict, *, allow_clas
 
     A shape mismatch raises :class:`WeightsError`, unless it is in the classifier and
     ``allow_classifier_mismatch`` is set: then the model's classifier is kept and the keys are listed in
-    ``skipped_classifier``. With ``strict``, missing or unexpected keys raise as well.
+    ``skipped_classifier``. With ``strict``, missing or unexpected keys raise as well. A ``module.``
+    prefix on every key (a DDP or DeepSpeed wrapper's state dict) is removed.
     """
     where = "state dict" if isinstance(source, Mapping) else str(source)
-    state = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
+    state = _strip_wrapper_prefix(dict(source) if isinstance(source, Mapping) else read_state_dict(source))
     own = model.state_dict()
     classifier = _classifier_keys(model)
     skipped, wrong = [], []
