@@ -114,6 +114,11 @@ def evaluate_model(model: nn.Module, loader, class_map: ClassMap, env: DistEnv, 
     return result
 
 
+def same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two resolved stage configs describe the same run (the folder's own path may differ: runs move)."""
+    return {k: v for k, v in a.items() if k != "out"} == {k: v for k, v in b.items() if k != "out"}
+
+
 def prepare_folder(out: str, record: dict[str, Any], env: DistEnv, *, resume: bool, force: bool) -> Path:
     """Create (or re-open for --resume) a run folder; refuses to damage an existing run by accident.
 
@@ -124,7 +129,7 @@ def prepare_folder(out: str, record: dict[str, Any], env: DistEnv, *, resume: bo
     folder = Path(out)
     existing = folder / ckpt.STAGE_JSON
     reopen = resume and existing.is_file()
-    if reopen and ckpt.read_stage(folder).get("config") != record["config"]:
+    if reopen and not same_config(ckpt.read_stage(folder).get("config", {}), record["config"]):
         raise StageError(f"{folder}: --resume with a different config than the run was started with; "
                          f"use a new --out or the original settings")
     if not reopen and folder.exists() and any(folder.iterdir()) and not force:
