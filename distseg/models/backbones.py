@@ -88,7 +88,7 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 class PretrainedWeightsError(RuntimeError):
-    """ImageNet weights could not be fetched or a local weights file does not fit the backbone."""
+    """ImageNet weights could not be fetched from the timm hub (local files raise ``WeightsError``)."""
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
