@@ -1,6 +1,8 @@
 """Data loading throughput: shard streaming vs a folder DataLoader vs raw decode, in one run.
 
-    python benchmarks/bench_data.py --images 256 --size 256 --workers 2 --repeats 3
+    python benchmarks/bench_data.py                      # 256 synthetic 256-px tiles, 224-px crops
+    python benchmarks/bench_data.py --data ../shared/data/dubai_aerial --classes dubai.yaml \
+        --crop 512 --batch 8 --shard-size 16 --out benchmarks/results/bench_data_dubai.json
 
 All three read the same samples with the same number of worker processes:
 
@@ -9,9 +11,15 @@ All three read the same samples with the same number of worker processes:
                 doing the same decode, class-map encoding, weak augment and batching
 * ``decode``  - decode image + mask only, nothing else (the upper bound)
 
-Prints samples/s and the ratios stream/decode (target >= 0.9) and stream/folder (target >= 1), and
-saves JSON under benchmarks/results/. ``--data DIR [--classes FILE]`` uses an existing images/ + masks/
-folder (e.g. large aerial rasters) instead of generating small synthetic scenes.
+Prints the median samples/s over interleaved repeats and the ratios stream/decode (target >= 0.9)
+and stream/folder (target >= 1), and saves JSON under benchmarks/results/. ``--data DIR
+[--classes FILE]`` uses an existing images/ + masks/ folder (e.g. large aerial rasters) instead of
+generating small synthetic scenes; the Dubai class map is in docs/data.md.
+
+Small tiles are the hard case for the decode ratio: decoding a 256-px JPEG costs about as much as
+the bilinear rescale of the 224-px crop, so augmentation alone costs ~half the upper bound there.
+On large rasters decode dominates and the stream (which also reads pre-encoded index masks instead
+of RGB colour masks) matches or beats the decode-only bound.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -113,7 +122,7 @@ def loaders(args: argparse.Namespace, root: Path, classes: Path, shards: Path) -
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Shard the data, then time the three pipelines in interleaved repeats; best-of per pipeline."""
+    """Shard the data, then time the three pipelines in interleaved repeats; median per pipeline."""
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
@@ -131,10 +140,11 @@ def run(args: argparse.Namespace) -> dict:
                 runs[name].append(n / seconds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    best = {k: max(v) for k, v in runs.items()}
-    return {"samples_per_s": best, "all_runs": runs, "stream_over_decode": best["stream"] / best["decode"],
-            "stream_over_folder": best["stream"] / best["folder"],
-            "settings": {**vars(args), "samples": n, "cpu_count": os.cpu_count(), "torch": torch.__version__}}
+    typical = {k: statistics.median(v) for k, v in runs.items()}  # robust to load spikes on shared machines
+    return {"samples_per_s": typical, "all_runs": runs, "stream_over_decode": typical["stream"] / typical["decode"],
+            "stream_over_folder": typical["stream"] / typical["folder"],
+            "settings": {**vars(args), **{k: Path(v).name for k in ("data", "classes", "out") if (v := getattr(args, k))},
+                         "samples": n, "cpu_count": os.cpu_count(), "torch": torch.__version__}}
 
 
 def main() -> None:
@@ -147,7 +157,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shard-size", default="64")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(RESULTS / "bench_data.json"))
     args = parser.parse_args()
     result = run(args)
