@@ -173,3 +173,24 @@ def test_bad_arguments(shards):
         build_loader(shards, "train", train=False, views=("weak", "strong"))
     with pytest.raises(ValueError, match="batch_size"):
         StreamConfig(batch_size=0)
+
+
+def test_config_round_trips_through_dicts():
+    from distseg.config import ConfigError, from_dict, to_dict
+
+    cfg = StreamConfig(batch_size=4, augment=AugmentConfig(crop_size=64, scale_range=(0.75, 1.5)), sample_fraction=0.5)
+    assert from_dict(StreamConfig, to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="sample_fraction"):
+        from_dict(StreamConfig, {"sample_fraction": 0.0})
+
+
+def test_unlabelled_split_with_sample_fraction(tmp_path):
+    src = write_dataset(tmp_path / "src", 4, 24, seed=3, n_unlabeled=40)
+    shard_dataset(tmp_path / "out", unlabeled=src / "unlabeled", shard_size=7)
+    cfg = StreamConfig(batch_size=4, num_workers=0, augment=AugmentConfig(crop_size=16), sample_fraction=0.5)
+    keys = []
+    for batch in build_loader(tmp_path / "out", "unlabeled", cfg, views=("weak", "strong")):
+        assert set(batch) == {"key", "image", "image_strong"}
+        keys += batch["key"]
+    chosen = {r.key for refs in build_loader(tmp_path / "out", "unlabeled", cfg).stream.samples for r in refs}
+    assert set(keys) == chosen and 10 <= len(chosen) <= 30
