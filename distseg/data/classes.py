@@ -49,6 +49,11 @@ def _palette(n: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def _describe(code: int, rgb: bool) -> str:
+    """A mask code as users know it: an RGB colour or a pixel value."""
+    return f"colour ({code >> 16}, {(code >> 8) & 255}, {code & 255})" if rgb else f"value {code}"
+
+
 def _parse_entry(raw: Any, pos: int, where: str) -> tuple[ClassEntry, bool]:
     """Validate one ``classes`` item; returns the entry and whether it is an ignored entry."""
     if not isinstance(raw, dict):
@@ -234,18 +239,16 @@ class ClassMap:
                 raise DataError(f"{path_for_errors}: RGB mask but the class map gives no 'color' entries")
             codes = (mask[..., 0].astype(np.int64) << 16) | (mask[..., 1].astype(np.int64) << 8) | mask[..., 2]
             table = {(c[0] << 16) | (c[1] << 8) | c[2]: e for c, e in keys.items()}
-            describe = lambda code: f"colour ({code >> 16}, {(code >> 8) & 255}, {code & 255})"  # noqa: E731
         elif mask.ndim == 2:
             table = {e.value: e for e in self.entries if e.value is not None}
             if not table:
                 raise DataError(f"{path_for_errors}: single-channel mask but the class map gives no 'value' entries")
             codes = mask.astype(np.int64)
-            describe = lambda code: f"value {code}"  # noqa: E731
         else:
             raise DataError(f"{path_for_errors}: mask must be H×W or H×W×3, got shape {mask.shape}")
-        return self._lookup(codes, table, describe, path_for_errors, unknown)
+        return self._lookup(codes, table, mask.ndim == 3, path_for_errors, unknown)
 
-    def _lookup(self, codes: np.ndarray, table: dict[int, ClassEntry], describe: Any,
+    def _lookup(self, codes: np.ndarray, table: dict[int, ClassEntry], rgb: bool,
                 path: str | Path, unknown: Unknown) -> np.ndarray:
         """Map integer codes through ``table`` with a sorted search (fast for few classes, any code range)."""
         keys = np.array(sorted(table), dtype=np.int64)
@@ -258,7 +261,7 @@ class ClassMap:
             if unknown == "error":
                 bad, counts = np.unique(codes[~known], return_counts=True)
                 top = np.argsort(-counts)[:3]
-                listed = ", ".join(f"{describe(int(bad[i]))} ({int(counts[i])} px)" for i in top)
+                listed = ", ".join(f"{_describe(int(bad[i]), rgb)} ({int(counts[i])} px)" for i in top)
                 more = f" and {len(bad) - len(top)} more" if len(bad) > len(top) else ""
                 raise DataError(f"{path}: mask has {listed}{more} not in the class map "
                                 f"(use --unknown ignore to map them to ignore)")
