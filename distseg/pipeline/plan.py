@@ -1,0 +1,250 @@
+"""Turn a recipe into an ordered, fully validated plan: stage configs, folders and launch commands.
+
+Everything that can be checked without training is checked here, so a bad recipe fails before the first stage
+starts: stage references, cycles, datasets, class maps between hops, and every StageConfig.
+"""
+from __future__ import annotations
+
+import copy
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distseg.config import ConfigError, from_dict, to_dict
+from distseg.data.classes import ClassMap
+from distseg.pipeline.recipe import EvalOptions, Recipe, RecipeError, StageSpec
+from distseg.stages.config import StageConfig
+
+LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
+SCRIPTS = {"head": "finetune_head.py", "distill": "distill.py", "ssl": "ssl.py", "eval": "evaluate.py"}
+_STRUCTURAL = ("kind", "out", "parent")
+
+
+@dataclass
+class PlannedStage:
+    """One stage, resolved: where it writes, what it reads and how it is launched."""
+
+    spec: StageSpec
+    folder: Path
+    parent_path: str | None
+    """The folder or weights file the stage starts from (or evaluates)."""
+    config: StageConfig | None = None
+    """Training stages: the resolved StageConfig written to ``configs/<name>.yaml``."""
+    eval_options: EvalOptions | None = None
+    config_file: Path | None = None
+    data_path: str = ""
+    command: list[str] = field(default_factory=list)
+    display: str = ""
+    """The command as a user would type it."""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+
+@dataclass
+class Plan:
+    """The ordered stages of one recipe run."""
+
+    recipe: Recipe
+    source: Path
+    run_dir: Path
+    stages: list[PlannedStage]
+    warnings: list[str] = field(default_factory=list)
+
+    def by_name(self) -> dict[str, PlannedStage]:
+        return {s.name: s for s in self.stages}
+
+
+def _fail(source: Path, stage: str | None, message: str) -> RecipeError:
+    where = f"{source}: stage {stage!r}" if stage else str(source)
+    return RecipeError(f"{where}: {message}")
+
+
+def order_stages(recipe: Recipe, source: Path) -> list[StageSpec]:
+    """Check names and references, and return the stages parents-first (listing order otherwise kept)."""
+    names: dict[str, StageSpec] = {}
+    for spec in recipe.stages:
+        if spec.name in names:
+            raise _fail(source, spec.name, "duplicate stage name")
+        names[spec.name] = spec
+    for spec in recipe.stages:
+        if spec.parent and spec.parent not in names:
+            raise _fail(source, spec.name, f"unknown stage {spec.parent!r} in 'parent' (stages: {sorted(names)})")
+        for key in ("data", "unlabeled"):
+            ref = getattr(spec, key)
+            if ref and ref not in recipe.datasets:
+                raise _fail(source, spec.name, f"unknown dataset {ref!r} in {key!r} "
+                                               f"(datasets: {sorted(recipe.datasets)})")
+        if not spec.data:
+            raise _fail(source, spec.name, "no 'data' (a dataset name) given")
+        if spec.unlabeled and spec.kind != "ssl":
+            raise _fail(source, spec.name, "'unlabeled' only applies to ssl stages")
+    ordered: list[StageSpec] = []
+    state: dict[str, str] = {}
+
+    def visit(spec: StageSpec, path: list[str]) -> None:
+        if state.get(spec.name) == "done":
+            return
+        if state.get(spec.name) == "open":
+            cycle = path[path.index(spec.name):] + [spec.name]
+            raise _fail(source, spec.name, f"cycle in stage parents: {' -> '.join(cycle)}")
+        state[spec.name] = "open"
+        if spec.parent:
+            visit(names[spec.parent], path + [spec.name])
+        state[spec.name] = "done"
+        ordered.append(spec)
+
+    for spec in recipe.stages:
+        visit(spec, [])
+    return ordered
+
+
+def dataset_class_maps(recipe: Recipe, source: Path) -> dict[str, ClassMap | None]:
+    """The class map of every dataset: from the class file of its shard block, else from its manifest.
+
+    None when it cannot be known yet (data absent in a dry run, or an unlabelled-only dataset).
+    """
+    from distseg.data.errors import DataError
+    from distseg.data.manifest import read_manifest
+
+    maps: dict[str, ClassMap | None] = {}
+    for name, ds in recipe.datasets.items():
+        try:
+            if ds.shard is not None and ds.shard.classes and Path(ds.shard.classes).is_file():
+                maps[name] = ClassMap.from_file(ds.shard.classes)
+            elif ds.shard is None and (Path(ds.path) / "manifest.json").is_file():
+                labelled = read_manifest(ds.path).get("class_map") is not None
+                maps[name] = ClassMap.from_manifest(ds.path) if labelled else None
+            else:
+                maps[name] = None
+        except DataError as exc:
+            raise _fail(source, None, f"dataset {name!r}: {exc}") from None
+    return maps
+
+
+def missing_inputs(recipe: Recipe) -> list[str]:
+    """Datasets and external weights that do not exist (fatal for a real run, warnings for a dry run)."""
+    problems = []
+    for name, ds in recipe.datasets.items():
+        if ds.shard is None:
+            if not (Path(ds.path) / "manifest.json").is_file():
+                problems.append(f"dataset {name!r}: {ds.path} is not a shard folder (no manifest.json)")
+            continue
+        for key in ("images", "masks", "unlabeled", "classes"):
+            value = getattr(ds.shard, key)
+            if value and not Path(value).exists():
+                problems.append(f"dataset {name!r}: shard.{key} {value} does not exist")
+    for spec in recipe.stages:
+        if spec.weights and not Path(spec.weights).exists():
+            problems.append(f"stage {spec.name!r}: weights {spec.weights} do not exist")
+    return problems
+
+
+def check_class_flow(order: list[StageSpec], maps: dict[str, ClassMap | None], source: Path) -> None:
+    """Distill, ssl and eval stages must see the class set their parent predicts; only a head stage changes it."""
+    produced: dict[str, ClassMap | None] = {}
+    for spec in order:
+        data_map = maps.get(spec.data)
+        if spec.kind != "head" and spec.parent:
+            before = produced.get(spec.parent)
+            if before is not None and data_map is not None and before != data_map:
+                raise _fail(source, spec.name,
+                            f"class-map mismatch: parent {spec.parent!r} predicts {before.names} but dataset "
+                            f"{spec.data!r} has {data_map.names}; add a head stage on {spec.data!r} between them")
+        produced[spec.name] = data_map if spec.kind != "eval" else None
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def stage_config(recipe: Recipe, spec: StageSpec, folder: Path, parent_path: str | None, source: Path) -> StageConfig:
+    """The StageConfig of a training stage: model and ds_config, then defaults, kind defaults, overrides."""
+    for layer_name, layer in (("defaults", recipe.defaults), ("kind_defaults", recipe.kind_defaults.get(spec.kind)),
+                              ("overrides", spec.overrides)):
+        layer = layer or {}
+        bad = [k for k in _STRUCTURAL if k in layer] + (["data.shards"] if "shards" in layer.get("data", {}) else [])
+        if bad:
+            raise _fail(source, spec.name, f"{layer_name} may not set {bad}: use the stage's name, parent/weights "
+                                           f"and data fields")
+    data = {"model": to_dict(recipe.model), "ds_config": recipe.ds_config}
+    for layer in (recipe.defaults, recipe.kind_defaults.get(spec.kind) or {}, spec.overrides):
+        data = _merge(data, layer)
+    data = _merge(data, {"kind": spec.kind, "out": str(folder), "parent": parent_path,
+                         "data": {"shards": recipe.datasets[spec.data].path}})
+    if spec.kind == "ssl":
+        pool = recipe.datasets[spec.unlabeled or spec.data].path
+        data = _merge(data, {"ssl": {"unlabeled_shards": pool}})
+    try:
+        cfg = from_dict(StageConfig, data, where=f"{source}: stage {spec.name!r}")
+    except ConfigError as exc:
+        raise RecipeError(str(exc)) from None
+    if spec.kind == "head" and not parent_path and cfg.model.pretrained is None:
+        raise _fail(source, spec.name, "a head stage needs 'parent', 'weights' or model.pretrained "
+                                       "(imagenet or a PATH)")
+    return cfg
+
+
+def launch_command(recipe: Recipe, kind: str, args: list[str]) -> tuple[list[str], str]:
+    """(argv to run, the same command as printed): deepspeed, torchrun or plain python."""
+    script = str(LAUNCH_DIR / SCRIPTS[kind])
+    n = str(recipe.nproc)
+    if recipe.launcher == "deepspeed":
+        exe = Path(sys.executable).with_name("deepspeed")
+        prefix, shown = [str(exe) if exe.exists() else "deepspeed", "--num_gpus", n], ["deepspeed", "--num_gpus", n]
+    elif recipe.launcher == "torchrun":
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n]
+        shown = ["torchrun", "--nproc_per_node", n]
+    else:
+        prefix, shown = [sys.executable], ["python"]
+    return prefix + [script] + args, shlex.join(shown + [f"launch/{SCRIPTS[kind]}"] + args)
+
+
+def _plan_stage(recipe: Recipe, spec: StageSpec, run_dir: Path, source: Path) -> PlannedStage:
+    folder = run_dir / spec.name
+    parent_path = str(run_dir / spec.parent) if spec.parent else spec.weights
+    stage = PlannedStage(spec=spec, folder=folder, parent_path=parent_path,
+                         data_path=recipe.datasets[spec.data].path)
+    if spec.kind == "eval":
+        try:
+            stage.eval_options = from_dict(EvalOptions, spec.overrides, where=f"{source}: stage {spec.name!r}")
+        except ConfigError as exc:
+            raise RecipeError(str(exc)) from None
+        opts = stage.eval_options
+        args = [parent_path, "--data", stage.data_path, "--split", opts.split, "--batch-size", str(opts.batch_size),
+                "--sliding" if opts.sliding else "--no-sliding", "--tile", str(opts.tile), "--out", str(folder)]
+    else:
+        stage.config = stage_config(recipe, spec, folder, parent_path, source)
+        stage.config_file = run_dir / "configs" / f"{spec.name}.yaml"
+        args = ["--config", str(stage.config_file), "--out", str(folder)]
+    stage.command, stage.display = launch_command(recipe, spec.kind, args)
+    return stage
+
+
+def build_plan(recipe: Recipe, source: str | Path, *, require_inputs: bool = True) -> Plan:
+    """Validate the recipe and resolve every stage. ``require_inputs=False`` (dry run) turns missing data into
+    warnings."""
+    source = Path(source)
+    run_dir = Path(recipe.out)
+    order = order_stages(recipe, source)
+    warnings = missing_inputs(recipe)
+    if warnings and require_inputs:
+        raise _fail(source, None, "; ".join(warnings))
+    maps = dataset_class_maps(recipe, source)
+    check_class_flow(order, maps, source)
+    stages = [_plan_stage(recipe, spec, run_dir, source) for spec in order]
+    return Plan(recipe=recipe, source=source, run_dir=run_dir, stages=stages, warnings=warnings)

@@ -1,0 +1,137 @@
+"""The results table of a run: one row per eval stage, written as results.md and results.csv."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from distseg.engine import checkpoint as ckpt
+from distseg.pipeline.plan import Plan, PlannedStage
+
+TIMINGS = "timings.json"
+
+
+@dataclass
+class ResultRow:
+    """Test-split metrics of one evaluated model, with what it cost."""
+
+    label: str
+    stage: str
+    """The evaluated training stage."""
+    split: str
+    class_names: list[str]
+    per_class_iou: list[float | None]
+    miou: float | None
+    pixel_acc: float | None
+    labeled: int | None
+    unlabeled: int | None
+    stage_seconds: float | None
+    """Wall time of the evaluated stage's own run."""
+    chain_seconds: float | None
+    """Wall time of the evaluated stage and all its ancestors (each counted once): what the model cost."""
+
+
+def load_timings(run_dir: Path) -> dict[str, float]:
+    path = run_dir / TIMINGS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_timings(run_dir: Path, timings: dict[str, float]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json_atomic(run_dir / TIMINGS, timings)
+
+
+def _ancestors(plan: Plan, name: str | None) -> list[str]:
+    """``name`` and every stage above it, parents last."""
+    stages, out = plan.by_name(), []
+    while name is not None:
+        out.append(name)
+        name = stages[name].spec.parent
+    return out
+
+
+def _row(plan: Plan, stage: PlannedStage, timings: dict[str, float]) -> ResultRow:
+    saved = json.loads((stage.folder / "eval.json").read_text())
+    metrics = saved["whole_tile"]
+    trained = stage.spec.parent
+    record = ckpt.read_stage(plan.run_dir / trained) if trained else {}
+    chain = _ancestors(plan, trained)
+    chain_times = [timings.get(n) for n in chain]
+    return ResultRow(
+        label=stage.spec.label or stage.name, stage=trained or str(stage.parent_path), split=saved["split"],
+        class_names=list(metrics["class_names"]), per_class_iou=list(metrics["per_class_iou"]),
+        miou=metrics["miou"], pixel_acc=metrics["pixel_acc"], labeled=record.get("labeled_samples"),
+        unlabeled=record.get("unlabeled_samples"), stage_seconds=timings.get(trained) if trained else None,
+        chain_seconds=sum(chain_times) if chain and None not in chain_times else None)
+
+
+def collect_rows(plan: Plan) -> list[ResultRow]:
+    """Rows of every eval stage whose eval.json exists, in recipe order."""
+    timings = load_timings(plan.run_dir)
+    evals = [s for s in plan.stages if s.kind == "eval" and (s.folder / "eval.json").is_file()]
+    order = {spec.name: i for i, spec in enumerate(plan.recipe.stages)}
+    return [_row(plan, s, timings) for s in sorted(evals, key=lambda s: order[s.name])]
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def _secs(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
+
+
+def table(rows: list[ResultRow]) -> tuple[list[str], list[list[str]]]:
+    """Header and text cells; class columns are the union of the rows' classes in first-seen order."""
+    classes: list[str] = []
+    for row in rows:
+        classes += [c for c in row.class_names if c not in classes]
+    header = ["row", "stage", *classes, "mIoU", "labelled", "unlabelled", "stage s", "chain s"]
+    cells = []
+    for row in rows:
+        iou = dict(zip(row.class_names, row.per_class_iou))
+        cells.append([row.label, row.stage, *[_pct(iou[c]) if c in iou else "" for c in classes], _pct(row.miou),
+                      str(row.labeled if row.labeled is not None else "n/a"),
+                      str(row.unlabeled if row.unlabeled is not None else "n/a"),
+                      _secs(row.stage_seconds), _secs(row.chain_seconds)])
+    return header, cells
+
+
+def write_results(rows: list[ResultRow], run_dir: Path, title: str) -> tuple[Path, Path]:
+    """results.md (a Markdown table, IoU in %) and results.csv (IoU as fractions, seconds unrounded)."""
+    header, cells = table(rows)
+    md = [f"# {title}", "", f"Per-class IoU and mIoU in % on the {rows[0].split if rows else 'test'} split; "
+          "wall times in seconds (chain: the stage and all its ancestors).", "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(r) + " |" for r in cells]
+    md_path, csv_path = run_dir / "results.md", run_dir / "results.csv"
+    md_path.write_text("\n".join(md) + "\n")
+    classes = header[2:-5]
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["row", "stage", "split", *[f"iou_{c}" for c in classes], "miou", "pixel_acc",
+                         "labeled", "unlabeled", "stage_seconds", "chain_seconds"])
+        for row in rows:
+            iou = dict(zip(row.class_names, row.per_class_iou))
+            writer.writerow([row.label, row.stage, row.split, *[_num(iou.get(c)) for c in classes], _num(row.miou),
+                             _num(row.pixel_acc), _num(row.labeled), _num(row.unlabeled), _num(row.stage_seconds),
+                             _num(row.chain_seconds)])
+    return md_path, csv_path
+
+
+def _num(v) -> str:
+    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+
+def rich_table(rows: list[ResultRow], title: str):
+    """The same table for the terminal."""
+    from rich.table import Table
+
+    header, cells = table(rows)
+    out = Table(title=title)
+    for i, h in enumerate(header):
+        out.add_column(h, justify="left" if i < 2 else "right")
+    for r in cells:
+        out.add_row(*r)
+    return out

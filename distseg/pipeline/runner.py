@@ -1,0 +1,127 @@
+"""``distseg run``: build datasets, run the stages in order, then write the results table and figure."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distseg.pipeline.launch import LOG_NAME, decide, log_tail, run_process, write_stage_config
+from distseg.pipeline.plan import Plan, build_plan
+from distseg.pipeline.recipe import load_recipe
+from distseg.pipeline.results import collect_rows, load_timings, rich_table, save_timings, write_results
+
+
+class StageFailed(RuntimeError):
+    """A stage process exited with an error; the chain stopped there."""
+
+    def __init__(self, stage: str, returncode: int, log: Path, tail: str) -> None:
+        super().__init__(f"stage {stage!r} failed (exit status {returncode}); log: {log}")
+        self.stage, self.returncode, self.log, self.tail = stage, returncode, log, tail
+
+
+def _shards_current(path: Path, options: dict[str, Any]) -> bool:
+    """Whether ``path`` already holds shards written with these options."""
+    import json
+
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return False
+    saved = json.loads(manifest.read_text()).get("options", {})
+    return all(saved.get(k) == v for k, v in options.items())
+
+
+def build_datasets(plan: Plan, console) -> None:
+    """Shard every dataset that has a ``shard`` block and is not already sharded with the same options."""
+    from distseg.data.shard import shard_dataset
+
+    for name, ds in plan.recipe.datasets.items():
+        spec = ds.shard
+        if spec is None or _shards_current(Path(ds.path), spec.options()):
+            continue
+        console.print(f"[bold]sharding[/] dataset {name!r} -> {ds.path}")
+        shard_dataset(ds.path, images=spec.images, masks=spec.masks, unlabeled=spec.unlabeled, classes=spec.classes,
+                      tile=spec.tile, overlap=spec.overlap, split=spec.split, labeled_fraction=spec.labeled_fraction,
+                      group_by=spec.group_by, seed=spec.seed, shard_size=spec.shard_size, force=True,
+                      command=["distseg", "run", str(plan.source)], progress=console.is_terminal)
+
+
+def print_plan(plan: Plan, console) -> None:
+    """The dry-run listing: each stage's decision and command."""
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    for name, ds in plan.recipe.datasets.items():
+        if ds.shard is not None:
+            console.print(f"# dataset {name}: distseg shard-data -> {ds.path}", markup=False, highlight=False)
+    rerun: set[str] = set()
+    for stage in plan.stages:
+        decision = decide(stage, stage.spec.parent in rerun)
+        if decision.action != "skip":
+            rerun.add(stage.name)
+        flags = " ".join(decision.flags)
+        note = f"  # {decision.action}" + (f": {decision.reason}" if decision.reason else "")
+        console.print(f"{stage.display} {flags}".rstrip() + note, markup=False, highlight=False, soft_wrap=True)
+
+
+def run_stages(plan: Plan, console) -> None:
+    """Run every stage that needs it, in order; raise StageFailed (with the log tail) at the first failure."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    timings = load_timings(plan.run_dir)
+    rerun: set[str] = set()
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console, transient=False) as progress:
+        for stage in plan.stages:
+            decision = decide(stage, stage.spec.parent in rerun)
+            steps = stage.config.train.steps if stage.config is not None else 1
+            task = progress.add_task(f"{stage.name} ({stage.kind})", total=steps, info=decision.reason)
+            if decision.action == "skip":
+                progress.update(task, completed=steps, info=f"skipped: {decision.reason}")
+                continue
+            write_stage_config(stage)
+            log = plan.run_dir / "logs" / f"{stage.name}.log"
+            code, seconds = run_process(stage, decision, log, progress, task)
+            if code != 0:
+                progress.update(task, info=f"[red]failed (exit {code})")
+                raise StageFailed(stage.name, code, log, log_tail(log))
+            rerun.add(stage.name)
+            timings[stage.name] = seconds
+            save_timings(plan.run_dir, timings)
+            progress.update(task, completed=steps, info=f"done in {seconds:.0f} s")
+
+
+def finish(plan: Plan, console) -> dict[str, Any]:
+    """results.md, results.csv and results.png for every evaluated stage."""
+    from distseg.pipeline.figure import write_figure
+
+    rows = collect_rows(plan)
+    out: dict[str, Any] = {"rows": rows}
+    if not rows:
+        return out
+    title = f"{plan.recipe.name}: test-split results"
+    out["md"], out["csv"] = write_results(rows, plan.run_dir, title)
+    console.print(rich_table(rows, title))
+    out["figure"] = write_figure(plan, plan.run_dir / "results.png", plan.recipe.figure_tiles)
+    written = [str(p) for p in (out["md"], out["csv"], out["figure"]) if p]
+    console.print("wrote " + ", ".join(written))
+    return out
+
+
+def run_recipe(path: str | Path, *, variables: dict[str, str] | None = None, out: str | None = None,
+               dry_run: bool = False, console=None) -> dict[str, Any]:
+    """Validate the recipe completely, then (unless ``dry_run``) shard, train, evaluate and tabulate.
+
+    Returns ``{"plan", "rows", "md", "csv", "figure"}`` (only ``plan`` on a dry run).
+    """
+    from rich.console import Console
+
+    console = console or Console()
+    recipe = load_recipe(path, variables, out)
+    plan = build_plan(recipe, path, require_inputs=not dry_run)
+    if dry_run:
+        print_plan(plan, console)
+        return {"plan": plan}
+    console.print(f"[bold]{recipe.name}[/]: {len(plan.stages)} stages -> {plan.run_dir}  "
+                  f"(logs: <stage>/{LOG_NAME})")
+    build_datasets(plan, console)
+    run_stages(plan, console)
+    return {"plan": plan, **finish(plan, console)}
