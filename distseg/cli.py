@@ -20,6 +20,8 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("predict", "predict", "predict"),
     ("models", "flops", "flops"),
     ("models", "bench_infer", "bench-infer"),
+    ("run", "run", "run"),
+    ("run", "demo", "demo"),
 ]
 
 
