@@ -66,7 +66,7 @@ class FolderDataset(Dataset):
         mask = self.class_map.encode(load_mask(self.masks[key], self.rgb), self.masks[key])
         rng = np.random.default_rng(i)
         image, mask = weak_geometric(image, mask, self.aug, rng, self.class_map.ignore_index)
-        return torch.from_numpy(image), torch.from_numpy(mask.astype(np.int64))
+        return image, mask
 
 
 class DecodeOnly(IterableDataset):
@@ -94,7 +94,8 @@ class DecodeOnly(IterableDataset):
 def folder_collate(items, aug: AugmentConfig):
     """Stack crops into the same float [0, 1] batch layout the stream yields."""
     factors = brightness_factors(len(items), aug.brightness, torch.Generator().manual_seed(0))
-    return {"image": to_float(torch.stack([i for i, _ in items]), factors), "mask": torch.stack([m for _, m in items])}
+    images = torch.from_numpy(np.stack([i for i, _ in items]))
+    return {"image": to_float(images, factors), "mask": torch.from_numpy(np.stack([m for _, m in items])).long()}
 
 
 def timed(loader, samples_of) -> tuple[float, int]:
@@ -121,6 +122,11 @@ def loaders(args: argparse.Namespace, root: Path, classes: Path, shards: Path) -
     }
 
 
+def _names_only(args: argparse.Namespace) -> dict[str, str]:
+    """Paths reduced to their last component, so results never record a machine's folder layout."""
+    return {k: Path(v).name for k in ("data", "classes", "out") if (v := getattr(args, k))}
+
+
 def run(args: argparse.Namespace) -> dict:
     """Shard the data, then time the three pipelines in interleaved repeats; median per pipeline."""
     torch.set_num_threads(1)
@@ -143,8 +149,7 @@ def run(args: argparse.Namespace) -> dict:
     typical = {k: statistics.median(v) for k, v in runs.items()}  # robust to load spikes on shared machines
     return {"samples_per_s": typical, "all_runs": runs, "stream_over_decode": typical["stream"] / typical["decode"],
             "stream_over_folder": typical["stream"] / typical["folder"],
-            "settings": {**vars(args), **{k: Path(v).name for k in ("data", "classes", "out") if (v := getattr(args, k))},
-                         "samples": n, "cpu_count": os.cpu_count(), "torch": torch.__version__}}
+            "settings": {**vars(args), **_names_only(args), "samples": n, "cpu_count": os.cpu_count(), "torch": torch.__version__}}
 
 
 def main() -> None:

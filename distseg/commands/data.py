@@ -37,11 +37,13 @@ def shard_data(
     overlap: int = typer.Option(0, "--overlap", help="Overlap in pixels between neighbouring tiles."),
     split: str = typer.Option("8:1:1", "--split", help="train:val:test ratio over source images or groups."),
     labeled_fraction: float = typer.Option(1.0, "--labeled-fraction",
-                                           help="Fraction of train tiles that keep labels; the rest go to 'unlabeled'."),
+                                           help="Fraction of train tiles that keep labels; the rest go to "
+                                                "'unlabeled'."),
     group_by: Optional[str] = typer.Option(None, "--group-by", help="Regex on the file name; files with the same "
                                            "match (first group if any) stay in one split."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split and of the in-shard sample order."),
-    shard_size: str = typer.Option("1000", "--shard-size", help="Target shard size: a sample count (1000) or MB (64MB)."),
+    shard_size: str = typer.Option("1000", "--shard-size",
+                                   help="Target shard size: a sample count (1000) or a size (64MB)."),
     unknown: str = typer.Option("error", "--unknown", help="Mask values not in the class map: 'error' or 'ignore'."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
 ) -> None:

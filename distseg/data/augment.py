@@ -162,7 +162,8 @@ def brightness_factors(n: int, amount: float, generator: torch.Generator) -> tor
     return _uniform(n, 1 - amount, 1 + amount, generator, torch.device("cpu")).view(n)
 
 
-def to_float(images: torch.Tensor, factors: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def to_float(images: torch.Tensor, factors: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 B×H×W×3 -> float32 B×3×H×W in [0, 1], times per-sample ``factors`` (brightness), clamped.
 
     One strided copy plus one in-place multiply: about 10x faster than ``permute().float().div()``

@@ -227,7 +227,8 @@ class ClassMap:
     __hash__ = None  # type: ignore[assignment]  # mutable-style equality; not used as a dict key
 
     # ---- encoding -------------------------------------------------------------------------------
-    def encode(self, mask: np.ndarray, path_for_errors: str | Path = "<mask>", unknown: Unknown = "error") -> np.ndarray:
+    def encode(self, mask: np.ndarray, path_for_errors: str | Path = "<mask>",
+               unknown: Unknown = "error") -> np.ndarray:
         """Raw mask (H×W values or H×W×3 RGB) -> uint8 H×W index mask with ignore_index for ignored pixels.
 
         Values absent from the map raise DataError naming the value, its pixel count and the file,

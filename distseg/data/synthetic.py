@@ -175,7 +175,8 @@ def write_dataset(out_dir: str | Path, n_images: int, size: int | tuple[int, int
         if sub == "images" and count:
             (out / "masks").mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            shape = (size, size) if isinstance(size, int) else tuple(int(v) for v in rng.integers(size[0], size[1] + 1, 2))
+            shape = (size, size) if isinstance(size, int) else tuple(int(v) for v in rng.integers(*size, endpoint=True,
+                                                                                                   size=2))
             image, mask = make_scene(rng, shape, domain)
             name = f"{prefix}_{i:04d}"
             Image.fromarray(image).save(out / sub / f"{name}.{image_format}", quality=92)
