@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from distseg.cli import app
+from distseg.data.classes import ClassMap
 from distseg.data.shard import read_manifest, shard_dataset
 from distseg.data.synthetic import make_scene, write_dataset
 
@@ -160,3 +161,36 @@ def test_inspect_prints_tables(tmp_path):
     assert shown.exit_code == 0
     for word in ("splits", "class pixel share", "farmland", "train-000000.tar", "val", "test"):
         assert word in shown.output
+
+
+def test_tif_and_grey_images_are_re_encoded_losslessly(tmp_path):
+    src = write_dataset(tmp_path / "src", 2, 24, seed=11)
+    rgb = np.asarray(Image.open(src / "images" / "scene_0000.png"))
+    (src / "images" / "scene_0000.png").unlink()
+    Image.fromarray(rgb).save(src / "images" / "scene_0000.tif")
+    grey = np.asarray(Image.open(src / "images" / "scene_0001.png").convert("L"))
+    Image.fromarray(grey).save(src / "images" / "scene_0001.png")
+    shard_dataset(tmp_path / "out", images=src / "images", masks=src / "masks", classes=src / "classes.yaml",
+                  split="1:0:0")
+    samples = all_samples(tmp_path / "out")
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(samples["scene_0000"][1]["png"]))), rgb)
+    stored = np.asarray(Image.open(io.BytesIO(samples["scene_0001"][1]["png"])))
+    assert stored.shape == (24, 24, 3) and (stored == grey[..., None]).all()
+
+
+@pytest.mark.parametrize("by_colour", [True, False])
+def test_palette_masks_match_by_colour_or_by_index(tmp_path, by_colour):
+    src = write_dataset(tmp_path / "src", 1, 24, seed=12, mask_format="color" if by_colour else "index")
+    original = Image.open(src / "masks" / "scene_0000.png")
+    expected = ClassMap.from_file(src / "classes.yaml").encode(np.asarray(original), "m")
+    if by_colour:  # an RGB colour mask re-saved as a palette PNG, as some annotation tools do
+        palette_mask = original.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    else:  # palette indices are the class values; the palette's colours must not matter
+        palette_mask = original.convert("P")
+        palette_mask.putpalette([255 - i for i in range(256)] * 3)
+    palette_mask.save(src / "masks" / "scene_0000.png")
+    assert Image.open(src / "masks" / "scene_0000.png").mode == "P"
+    shard_dataset(tmp_path / "out", images=src / "images", masks=src / "masks", classes=src / "classes.yaml",
+                  split="1:0:0")
+    stored = np.asarray(Image.open(io.BytesIO(all_samples(tmp_path / "out")["scene_0000"][1]["mask.png"])))
+    np.testing.assert_array_equal(stored, expected)
