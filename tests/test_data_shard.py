@@ -194,3 +194,16 @@ def test_palette_masks_match_by_colour_or_by_index(tmp_path, by_colour):
                   split="1:0:0")
     stored = np.asarray(Image.open(io.BytesIO(all_samples(tmp_path / "out")["scene_0000"][1]["mask.png"])))
     np.testing.assert_array_equal(stored, expected)
+
+
+def test_shards_are_plain_webdataset(tmp_path):
+    import webdataset as wds
+
+    src = write_dataset(tmp_path / "src", 3, 24, seed=13)
+    out = tmp_path / "out"
+    manifest = shard_dataset(out, images=src / "images", masks=src / "masks", classes=src / "classes.yaml",
+                             split="1:0:0")
+    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert [s["__key__"] for s in samples] == manifest["shards"][0]["keys"]
+    assert all({"png", "mask.png", "json"} <= set(s) for s in samples)
