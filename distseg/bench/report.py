@@ -58,10 +58,13 @@ def _rich_table(title: str, columns: tuple[str, ...], rows: list[list[str]]):
 
 
 def print_runs(records: list[dict[str, Any]]) -> None:
-    """Console table of train/infer records."""
+    """Console table of train/infer records of one device (named in the title, not in a column)."""
     from rich.console import Console
 
-    Console().print(_rich_table("distseg bench", RUN_COLUMNS, [run_row(r) for r in records]))
+    keep = [i for i, col in enumerate(RUN_COLUMNS) if col != "device"]
+    rows = [[run_row(r)[i] for i in keep] for r in records]
+    title = f"distseg bench on {records[0]['device']['name']}"
+    Console().print(_rich_table(title, tuple(RUN_COLUMNS[i] for i in keep), rows))
 
 
 def print_scaling(record: dict[str, Any]) -> None:

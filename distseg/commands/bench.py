@@ -86,7 +86,8 @@ def _run_here(cfg, local_rank: Optional[int]) -> None:
 def train(
     config: Optional[Path] = _CONFIG, stage: Optional[str] = _STAGE, data: Optional[str] = _DATA,
     ds_config: Optional[str] = _DS, precision: Optional[str] = _PRECISION,
-    micro_batch: str = typer.Option("8", "--micro-batch", help="Micro-batch sizes to sweep, e.g. 4,8,16."),
+    micro_batch: Optional[str] = typer.Option(None, "--micro-batch", help="Micro-batch sizes to sweep, e.g. 4,8,16 "
+                                              "(default 8)."),
     warmup: Optional[int] = _WARMUP, steps: Optional[int] = _STEPS, size: Optional[int] = _SIZE,
     model: Optional[Path] = _MODEL, sets: list[str] = _SET,
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last"),
@@ -103,7 +104,7 @@ def train(
 ) -> None:
     """Time the real training step of a stage: images/s, step time, data-wait, memory, TFLOPS and MFU."""
     options = {"stage": stage, "data": data, "ds_config": ds_config, "precision": precision,
-               "micro_batches": _int_list(micro_batch, "--micro-batch"), "warmup": warmup, "steps": steps,
+               "micro_batches": _int_list(micro_batch, "--micro-batch") if micro_batch else None, "warmup": warmup, "steps": steps,
                "size": size, "channels_last": channels_last, "compile": compile_, "unlabeled_ratio": unlabeled_ratio,
                "num_workers": workers, "peak_tflops": peak, "out_dir": out_dir, "tag": tag, "device": device}
     if grad_checkpointing is not None:
@@ -125,7 +126,7 @@ def scaling(
     procs: Optional[str] = typer.Option(None, "--procs", help="Explicit process counts, e.g. 1,2,3,4."),
     config: Optional[Path] = _CONFIG, stage: Optional[str] = _STAGE, data: Optional[str] = _DATA,
     ds_config: Optional[str] = _DS, precision: Optional[str] = _PRECISION,
-    micro_batch: int = typer.Option(8, "--micro-batch", help="Micro-batch per process (weak scaling)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Micro-batch per process (default 8)."),
     warmup: Optional[int] = _WARMUP, steps: Optional[int] = _STEPS, size: Optional[int] = _SIZE,
     model: Optional[Path] = _MODEL, sets: list[str] = _SET, workers: Optional[int] = _WORKERS,
     out_dir: Optional[str] = _OUT, device: Optional[str] = _DEVICE,
@@ -138,7 +139,7 @@ def scaling(
     if gpus < 1 or max(counts) > gpus:
         _fail(f"--gpus {gpus}: must be >= 1 and cover every --procs count {counts}")
     options = {"stage": stage, "data": data, "ds_config": ds_config, "precision": precision,
-               "micro_batches": [micro_batch], "warmup": warmup, "steps": steps, "size": size,
+               "micro_batches": [micro_batch] if micro_batch else None, "warmup": warmup, "steps": steps, "size": size,
                "num_workers": workers, "out_dir": out_dir, "device": device}
     cfg = _bench_config(config, model, sets, options)
     try:
