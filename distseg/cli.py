@@ -22,6 +22,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("models", "bench_infer", "bench-infer"),
     ("run", "run", "run"),
     ("run", "demo", "demo"),
+    ("bench", "app", "bench"),
 ]
 
 
