@@ -57,6 +57,12 @@ def resolve_ds_config(cfg: dict[str, Any], world_size: int, *, micro_batch: int 
         if rem or micro < 1:
             raise ConfigError(f"{source}: global batch {tbs} is not divisible by gradient accumulation {accum} × "
                               f"world size {world_size}")
+    if micro is None and tbs is not None:
+        accum = accum or 1  # neither given: no accumulation, the global batch split over the ranks
+        micro, rem = divmod(tbs, accum * world_size)
+        if rem or micro < 1:
+            raise ConfigError(f"{source}: global batch {tbs} is not divisible by world size {world_size}; "
+                              f"set --micro-batch and --grad-accum, or change train_batch_size")
     micro = micro or 1
     if tbs is None:
         tbs = micro * (accum or 1) * world_size

@@ -75,9 +75,12 @@ class EpochStream:
             if self._it is None:
                 if hasattr(self.loader, "set_epoch"):
                     self.loader.set_epoch(self.epoch)
-                self._it = iter(self.loader)
-                for _ in range(self.index):
-                    next(self._it)
+                # A DataLoader draws its base seed from the global RNG at every iter(); isolate that draw so a
+                # resumed run (which re-creates the iterator mid-epoch) keeps the same dropout/model RNG stream.
+                with torch.random.fork_rng(devices=[]):
+                    self._it = iter(self.loader)
+                    for _ in range(self.index):
+                        next(self._it)
             try:
                 batch = next(self._it)
             except StopIteration:
