@@ -220,28 +220,35 @@ def run_train(cfg: BenchConfig, local_rank: int | None = None) -> list[dict[str,
     """Sweep ``cfg.micro_batches`` (ascending) on this rank; rank 0 appends and returns one record per size.
 
     A CUDA out-of-memory error ends the sweep with an ``oom`` record (all ranks run the same shapes, so they fail
-    together). On CPU memory exhaustion is fatal to the process and cannot be caught.
+    together). On CPU memory exhaustion is fatal to the process and cannot be caught. The process group is left
+    initialised, as a training stage leaves it (DeepSpeed caches it; the process normally exits next).
     """
     from distseg.engine.distributed import init_distributed
 
     env = init_distributed(local_rank, cfg.device)
-    oom = (torch.cuda.OutOfMemoryError,) if env.device.type == "cuda" else ()
     records: list[dict[str, Any]] = []
     with workspace(cfg, env) as ws, _progress(env) as progress:
         for micro_batch in sorted(set(cfg.micro_batches)):
-            error = None
-            try:
-                record = measure(cfg, ws, env, micro_batch, progress)
-            except oom as exc:
-                error = str(exc).splitlines()[0]
-            gc.collect()
-            if env.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if error is not None:
-                record = oom_record(cfg, ws, env, micro_batch, error) if env.is_main else None
+            record, fits = _measure_or_oom(cfg, ws, env, micro_batch, progress)
             if record is not None:
                 append_record(cfg.out_dir, record)
                 records.append(record)
-            if error is not None:
+            if not fits:
                 break
     return records
+
+
+def _measure_or_oom(cfg: BenchConfig, ws: Workspace, env, micro_batch: int, progress) -> tuple[dict | None, bool]:
+    """(record on rank 0, whether it fitted); CUDA memory is released before the next size is built."""
+    oom = (torch.cuda.OutOfMemoryError,) if env.device.type == "cuda" else ()
+    error = None
+    try:
+        record = measure(cfg, ws, env, micro_batch, progress)
+    except oom as exc:
+        error = str(exc).splitlines()[0]
+    gc.collect()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if error is None:
+        return record, True
+    return (oom_record(cfg, ws, env, micro_batch, error) if env.is_main else None), False
