@@ -52,7 +52,7 @@ class BenchConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture of the student (and of the teacher for distill/ssl); weights are random."""
     channels_last: bool = False
-    """Channels-last memory format for the student and teachers."""
+    """Channels-last images into the student and teachers (cuDNN then runs channels-last kernels)."""
     compile: bool = False
     """``torch.compile`` the student through DeepSpeed (``engine.compile``) after the FLOP-counting step."""
     compile_backend: str = "inductor"

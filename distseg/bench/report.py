@@ -4,9 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-RUN_COLUMNS = ("run", "device", "procs", "micro-batch", "precision", "images/s", "images/s/GPU", "step ms (med/p90)",
-               "data-wait", "peak mem GiB", "TFLOPS/GPU", "MFU", "config")
-SCALING_COLUMNS = ("procs", "images/s", "images/s/proc", "speed-up", "efficiency", "step ms (med)", "data-wait")
+RUN_COLUMNS = ("run", "device", "procs", "mb", "prec", "img/s", "img/s/GPU", "step ms med/p90", "data-wait",
+               "mem GiB", "TFLOPS/GPU", "MFU", "config")
+SCALING_COLUMNS = ("procs", "img/s", "img/s/proc", "speed-up", "efficiency", "step ms med", "data-wait")
+_CONSOLE_DROP = ("device", "config")  # the device goes in the title; the hash is in the record and the report
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -23,7 +24,7 @@ def run_label(r: dict[str, Any]) -> str:
     flags = [name for name, key in (("cl", "channels_last"), ("compile", "compile")) if opts.get(key)]
     if r.get("config", {}).get("bench", {}).get("model", {}).get("grad_checkpointing"):
         flags.append("ckpt")
-    return f"{r.get('stage')} {r.get('backbone')} {r.get('size')}px" + (f" [{','.join(flags)}]" if flags else "")
+    return f"{r.get('stage')} {r.get('backbone')} {r.get('size')}px" + (f" +{'+'.join(flags)}" if flags else "")
 
 
 def run_row(r: dict[str, Any]) -> list[str]:
@@ -61,10 +62,10 @@ def print_runs(records: list[dict[str, Any]]) -> None:
     """Console table of train/infer records of one device (named in the title, not in a column)."""
     from rich.console import Console
 
-    keep = [i for i, col in enumerate(RUN_COLUMNS) if col != "device"]
+    keep = [i for i, col in enumerate(RUN_COLUMNS) if col not in _CONSOLE_DROP]
     rows = [[run_row(r)[i] for i in keep] for r in records]
     title = f"distseg bench on {records[0]['device']['name']}"
-    Console().print(_rich_table(title, tuple(RUN_COLUMNS[i] for i in keep), rows))
+    Console(width=max(Console().width, 120)).print(_rich_table(title, tuple(RUN_COLUMNS[i] for i in keep), rows))
 
 
 def print_scaling(record: dict[str, Any]) -> None:
