@@ -81,7 +81,7 @@ def base_record(kind: str, config: dict[str, Any], device) -> dict[str, Any]:
     """The provenance part of a record; the caller adds the figures."""
     from distseg.engine.checkpoint import git_revision
 
-    return {"kind": kind, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
+    return {"kind": kind, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "device": device_info(device), "versions": versions(), "git_rev": git_revision(),
             "config_hash": config_hash(config), "config": config}
 

@@ -36,7 +36,8 @@ def run_row(r: dict[str, Any]) -> list[str]:
         step_text = "OOM"
     memory = r.get("peak_memory_gb") or []
     return [run_label(r), str(r["device"]["name"]), str(r.get("world_size")), str(r.get("micro_batch")),
-            str(r.get("precision") or ""), _num(r.get("images_per_s"), ".1f"), _num(r.get("images_per_s_per_gpu"), ".1f"),
+            str(r.get("precision") or ""), _num(r.get("images_per_s"), ".1f"),
+            _num(r.get("images_per_s_per_gpu"), ".1f"),
             step_text, _pct(r.get("data_wait_fraction")), _num(max(memory) if memory else None, ".2f"),
             _num(r.get("tflops_per_gpu"), ".3g"), _pct(r.get("mfu")), str(r.get("config_hash"))]
 
@@ -91,8 +92,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
     if runs:
         lines += ["## Runs", "", *_markdown(RUN_COLUMNS, [run_row(r) for r in runs]), ""]
     for s in sweeps:
-        lines += [f"## Scaling: {s['stage']} {s['backbone']} {s['size']}px, micro-batch {s['micro_batch']}, "
-                  f"{s['device']['name']} ({s['tag']})", "", *_markdown(SCALING_COLUMNS, [scaling_row(r) for r in s["rows"]]), ""]
+        title = (f"## Scaling: {s['stage']} {s['backbone']} {s['size']}px, micro-batch {s['micro_batch']}, "
+                 f"{s['device']['name']} ({s['tag']})")
+        lines += [title, "", *_markdown(SCALING_COLUMNS, [scaling_row(r) for r in s["rows"]]), ""]
     return "\n".join(lines)
 
 

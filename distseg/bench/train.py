@@ -153,7 +153,7 @@ def summarize(ranks: list[dict[str, Any]], *, global_batch: int, unlabeled_batch
     }
 
 
-def _hash_config(cfg: BenchConfig, micro_batch: int, ds_cfg: dict) -> dict[str, Any]:
+def record_config(cfg: BenchConfig, micro_batch: int, ds_cfg: dict) -> dict[str, Any]:
     """What identifies a configuration across runs and world sizes (not where results go, not the label)."""
     from distseg.config import to_dict
 
@@ -177,7 +177,7 @@ def measure(cfg: BenchConfig, ws: Workspace, env, micro_batch: int, progress=Non
     ranks = _gather(raw)
     if not env.is_main:
         return None
-    record = base_record("train", _hash_config(cfg, micro_batch, load_ds_config(ws.ds_config)), env.device)
+    record = base_record("train", record_config(cfg, micro_batch, load_ds_config(ws.ds_config)), env.device)
     unl = micro_batch * cfg.unlabeled_ratio * env.world_size if cfg.stage == "ssl" else 0
     figures = summarize(ranks, global_batch=micro_batch * env.world_size, unlabeled_batch=unl,
                         device_name=record["device"]["name"], precision=mode, device_type=env.device.type,
@@ -204,7 +204,7 @@ def oom_record(cfg: BenchConfig, ws: Workspace, env, micro_batch: int, error: st
     """The record of a micro-batch that did not fit: provenance and the error, no figures."""
     from distseg.engine.dsconfig import load_ds_config
 
-    record = base_record("train", _hash_config(cfg, micro_batch, load_ds_config(ws.ds_config)), env.device)
+    record = base_record("train", record_config(cfg, micro_batch, load_ds_config(ws.ds_config)), env.device)
     record.update(status="oom", error=error, stage=cfg.stage, tag=cfg.tag, world_size=env.world_size,
                   micro_batch=micro_batch, global_batch=micro_batch * env.world_size, size=cfg.size,
                   backbone=cfg.model.backbone, **{k: None for k in FIGURES})

@@ -103,9 +103,10 @@ def train(
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """Time the real training step of a stage: images/s, step time, data-wait, memory, TFLOPS and MFU."""
+    sizes = _int_list(micro_batch, "--micro-batch") if micro_batch else None
     options = {"stage": stage, "data": data, "ds_config": ds_config, "precision": precision,
-               "micro_batches": _int_list(micro_batch, "--micro-batch") if micro_batch else None, "warmup": warmup, "steps": steps,
-               "size": size, "channels_last": channels_last, "compile": compile_, "unlabeled_ratio": unlabeled_ratio,
+               "micro_batches": sizes, "warmup": warmup, "steps": steps, "size": size, "channels_last": channels_last,
+               "compile": compile_, "unlabeled_ratio": unlabeled_ratio,
                "num_workers": workers, "peak_tflops": peak, "out_dir": out_dir, "tag": tag, "device": device}
     if grad_checkpointing is not None:
         sets = [f"model.grad_checkpointing={str(grad_checkpointing).lower()}", *sets]
