@@ -247,3 +247,23 @@ def test_config_rejects_bad_values():
         BenchConfig(micro_batches=(4, 0))
     with pytest.raises(ValueError, match="peak_tflops"):
         BenchConfig(peak_tflops=-1.0)
+
+
+def test_cuda_oom_becomes_an_oom_record_that_ends_the_sweep(monkeypatch, tmp_path):
+    """The OOM branch without a GPU: ``measure`` raises CUDA's OOM error; provenance is stubbed."""
+    from types import SimpleNamespace
+
+    from distseg.bench import train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(train, "measure", out_of_memory)
+    monkeypatch.setattr(train, "base_record", lambda kind, config, device: {"kind": kind, "config": config})
+    (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": 8}))
+    ws = train.Workspace(tmp_path, "", "", str(tmp_path / "ds.json"))
+    env = SimpleNamespace(device=torch.device("cuda"), is_main=True, world_size=2)
+    record, fits = train._measure_or_oom(BenchConfig(), ws, env, 16, None)
+    assert not fits and record["status"] == "oom" and record["micro_batch"] == 16 and record["global_batch"] == 32
+    assert record["error"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert all(record[key] is None for key in FIGURES)
