@@ -61,8 +61,9 @@ class BenchConfig:
     """(ssl) Unlabelled micro-batch = this × the labelled one."""
     num_workers: int = 4
     """Loader worker processes per rank (data-wait depends on it)."""
-    synthetic_images: int = 48
-    """Labelled synthetic images to generate when no --data is given (as many unlabelled ones again)."""
+    synthetic_images: int = 32
+    """Distinct synthetic scenes to generate when no --data is given (labelled, and as many unlabelled); they are
+    repeated until every rank's epoch holds several batches."""
     peak_tflops: float | None = None
     """Peak TFLOPS per device for MFU (None: look the device up in ``PEAK_TFLOPS``; unknown or CPU: no MFU)."""
     out_dir: str = "benchmarks/results"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import shutil
 from pathlib import Path
 
 from distseg.bench.config import BenchConfig
@@ -11,19 +14,47 @@ from distseg.bench.config import BenchConfig
 _PRECISION_SECTIONS = ("fp16", "bf16", "torch_autocast")
 
 
-def synthetic_shards(folder: Path, n_images: int, size: int, seed: int = 0) -> Path:
-    """Labelled + as many unlabelled procedural scenes of ``size`` px, sharded 8:1:1 into ``folder/shards``.
+BATCHES_PER_EPOCH = 8
 
-    Large enough for several distinct batches per epoch; the loader cycles it, so the step sees real decoding and
-    augmentation work, as in training.
+
+def synthetic_sizes(distinct: int, micro_batch: int, world_size: int, unlabeled_ratio: int) -> tuple[int, int]:
+    """(labelled, unlabelled) images so that each rank's train split holds ``BATCHES_PER_EPOCH`` batches.
+
+    A split smaller than one batch per rank would end an epoch every step, and the loader's start-of-epoch latency
+    would then dominate data-wait: a tiny dataset's artefact that training on real data does not have.
+    """
+    labelled = max(distinct, math.ceil(BATCHES_PER_EPOCH * micro_batch * world_size / 0.8))  # 8:1:1 split
+    return labelled, labelled * unlabeled_ratio
+
+
+def _replicate(folder: Path, suffix: str, total: int) -> None:
+    """Hard-link (or copy) the files of ``folder`` under new names until it holds ``total`` of them."""
+    files = sorted(folder.glob(f"*{suffix}"))
+    for i in range(len(files), total):
+        src = files[i % len(files)]
+        dst = folder / f"{src.stem}_copy{i}{suffix}"
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
+def synthetic_shards(folder: Path, distinct: int, labelled: int, unlabelled: int, size: int) -> Path:
+    """``distinct`` procedural scenes of ``size`` px (JPEG, as aerial tiles usually are), repeated up to
+    ``labelled`` labelled and ``unlabelled`` unlabelled images, sharded 8:1:1 into ``folder/shards``.
+
+    Repeating is cheap and keeps the loader's real work (reading, decoding, augmenting every sample) intact.
     """
     from distseg.data.shard import shard_dataset
     from distseg.data.synthetic import write_dataset
 
-    raw = write_dataset(folder / "raw", n_images, size=size, seed=seed, n_unlabeled=n_images)
+    raw = write_dataset(folder / "raw", distinct, size=size, n_unlabeled=distinct, image_format="jpg")
+    _replicate(raw / "images", ".jpg", labelled)
+    _replicate(raw / "masks", ".png", labelled)
+    _replicate(raw / "unlabeled", ".jpg", unlabelled)
     out = folder / "shards"
     shard_dataset(out, images=raw / "images", masks=raw / "masks", unlabeled=raw / "unlabeled",
-                  classes=raw / "classes.yaml", split="8:1:1", seed=seed, force=True)
+                  classes=raw / "classes.yaml", split="8:1:1", force=True)
     return out
 
 

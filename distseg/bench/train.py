@@ -56,7 +56,9 @@ def workspace(cfg: BenchConfig, env) -> Iterator[Workspace]:
         if env.local_rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
             if not cfg.data:
-                fixtures.synthetic_shards(folder, cfg.synthetic_images, cfg.size)
+                ratio = cfg.unlabeled_ratio if cfg.stage == "ssl" else 1
+                sizes = fixtures.synthetic_sizes(cfg.synthetic_images, max(cfg.micro_batches), env.world_size, ratio)
+                fixtures.synthetic_shards(folder, cfg.synthetic_images, *sizes, cfg.size)
             fixtures.parent_folder(Path(ws.parent), cfg.model, data_class_map(shards))
             fixtures.write_ds_config(cfg, env.device.type, folder)
         barrier()
