@@ -175,6 +175,14 @@ def test_precision_override_replaces_the_precision_section():
     assert with_precision(fp16, None) == fp16
 
 
+def test_synthetic_data_holds_several_batches_per_rank_and_epoch():
+    from distseg.bench.fixtures import BATCHES_PER_EPOCH, synthetic_sizes
+
+    labelled, unlabelled = synthetic_sizes(32, micro_batch=16, world_size=8, unlabeled_ratio=2)
+    assert labelled * 0.8 / 8 >= BATCHES_PER_EPOCH * 16 and unlabelled == 2 * labelled
+    assert synthetic_sizes(32, micro_batch=2, world_size=1, unlabeled_ratio=1) == (32, 32)
+
+
 def test_efficiency_rows_and_default_process_counts():
     runs = [{"world_size": n, "images_per_s": ips, "images_per_s_per_gpu": ips / n,
              "step_time_s": {"median": 0.1}, "data_wait_fraction": 0.0, "mfu": None}
