@@ -17,6 +17,7 @@ app = typer.Typer(help="Label-efficient land-cover segmentation: shard, distil, 
 _COMMANDS: list[tuple[str, str, str]] = [
     ("data", "shard_data", "shard-data"),
     ("data", "inspect", "inspect"),
+    ("stages", "fisher", "fisher"),
     ("predict", "predict", "predict"),
     ("models", "flops", "flops"),
     ("models", "bench_infer", "bench-infer"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import TINY_MODEL, launch, tiny_stage_config
 
@@ -87,3 +88,23 @@ def test_corrupt_checkpoint_is_refused(tmp_path, target_shards, finished_head, i
     proc = launch("finetune_head.py", "--config", str(config), "--out", str(run), "--resume", check=False)
     _fails(proc, "mp_rank_00_model_states.pt")
     assert _snapshot(run) == before
+
+
+def test_fisher_command_covers_every_parameter(finished_head, target_shards):
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from distseg.cli import app
+    from distseg.losses import load_fisher
+
+    result = CliRunner().invoke(app, ["fisher", str(finished_head), "--batches", "2", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    state = load_fisher(finished_head / "fisher.safetensors")
+    weights = load_file(str(finished_head / "model.safetensors"))
+    params = {k for k in weights if "running_" not in k and "num_batches" not in k}
+    assert set(state.fisher) == params  # the whole network, though the head stage trained only its classifier
+    assert all((f >= 0).all() for f in state.fisher.values()) and any((f > 0).any() for f in state.fisher.values())
+    assert all(torch.equal(state.anchor[k], weights[k]) for k in params)
+    bad = CliRunner().invoke(app, ["fisher", str(finished_head.parent / "missing")])
+    assert bad.exit_code == 2 and "missing" in bad.output
+
