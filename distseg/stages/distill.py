@@ -48,15 +48,17 @@ class DistillStage(StageBase):
     def forward(self) -> dict[str, torch.Tensor]:
         images, masks = self.next_labelled()
         opts = self.cfg.distill
-        with torch.no_grad(), self.autocast:
-            teacher_logits = self.teacher(images)
         with self.autocast:
             logits = self.engine(images)
         logits = logits.float()
         sup = supervised_loss(logits, masks, self.cfg.loss)
-        kd = kd_loss(logits, teacher_logits.float(), T=opts.temperature)
-        loss = sup + opts.alpha * kd
-        out = {"sup": sup.detach(), "kd": kd.detach()}
+        loss, out = sup, {"sup": sup.detach()}
+        if opts.alpha > 0:  # with alpha = 0 this is plain supervised training: no teacher forward at all
+            with torch.no_grad(), self.autocast:
+                teacher_logits = self.teacher(images)
+            kd = kd_loss(logits, teacher_logits.float(), T=opts.temperature)
+            loss = loss + opts.alpha * kd
+            out["kd"] = kd.detach()
         if self.ewc is not None:
             ewc = self.ewc.penalty()
             loss = loss + ewc
