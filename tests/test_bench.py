@@ -201,6 +201,7 @@ def test_report_renders_markdown_and_png(tmp_path, ssl_record):
                         {"processes": 2, "images_per_s": 18.0, "images_per_s_per_gpu": 9.0, "speedup": 1.8,
                          "efficiency": 0.9, "step_time_median_s": 0.22, "data_wait_fraction": 0.1, "mfu": None}]}
     (tmp_path / "bench.jsonl").write_text(json.dumps(ssl_record) + "\n" + json.dumps(scaling) + "\n")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')  # not a records file: ignored in a folder
     result = bench_cli("report", str(tmp_path), "--out", str(tmp_path / "out" / "report"))
     assert result.exit_code == 0, result.output
     md = (tmp_path / "out" / "report.md").read_text()

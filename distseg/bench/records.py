@@ -96,14 +96,15 @@ def append_record(out_dir: str | Path, record: dict[str, Any]) -> Path:
 
 
 def read_records(paths: list[str | Path]) -> list[dict[str, Any]]:
-    """Records from ``.jsonl`` files, or from every ``*.jsonl`` in the given folders, in file order.
+    """Records from ``.jsonl`` files, or from every ``bench*.jsonl`` in the given folders (records collected from
+    several nodes can sit side by side as bench-node1.jsonl, ...), in file order.
 
     A malformed line raises ValueError naming the file and line number.
     """
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(p.glob("*.jsonl")))
+            files.extend(sorted(p.glob("bench*.jsonl")))
         elif p.is_file():
             files.append(p)
         else:
