@@ -27,7 +27,7 @@ def run_label(r: dict[str, Any]) -> str:
     return f"{r.get('stage')} {r.get('backbone')} {r.get('size')}px" + (f" +{'+'.join(flags)}" if flags else "")
 
 
-def run_row(r: dict[str, Any]) -> list[str]:
+def run_row(r: dict[str, Any], with_tag: bool = False) -> list[str]:
     """One table row of a train/infer record (an OOM row keeps only what was attempted)."""
     step = r.get("step_time_s") or {}
     med, p90 = step.get("median"), step.get("p90")
@@ -35,7 +35,8 @@ def run_row(r: dict[str, Any]) -> list[str]:
     if r.get("status") == "oom":
         step_text = "OOM"
     memory = r.get("peak_memory_gb") or []
-    return [run_label(r), str(r["device"]["name"]), str(r.get("world_size")), str(r.get("micro_batch")),
+    label = run_label(r) + (f" ({r['tag']})" if with_tag and r.get("tag") else "")
+    return [label, str(r["device"]["name"]), str(r.get("world_size")), str(r.get("micro_batch")),
             str(r.get("precision") or ""), _num(r.get("images_per_s"), ".1f"),
             _num(r.get("images_per_s_per_gpu"), ".1f"),
             step_text, _pct(r.get("data_wait_fraction")), _num(max(memory) if memory else None, ".2f"),
@@ -90,7 +91,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
              "images/s counts labelled images per optimizer step (ssl also reads as many unlabelled ones × ratio); "
              "data-wait is the share of wall time blocked on the loader; MFU = achieved model TFLOPS / peak.", ""]
     if runs:
-        lines += ["## Runs", "", *_markdown(RUN_COLUMNS, [run_row(r) for r in runs]), ""]
+        lines += ["## Runs", "", *_markdown(RUN_COLUMNS, [run_row(r, with_tag=True) for r in runs]), ""]
     for s in sweeps:
         title = (f"## Scaling: {s['stage']} {s['backbone']} {s['size']}px, micro-batch {s['micro_batch']}, "
                  f"{s['device']['name']} ({s['tag']})")
@@ -109,7 +110,8 @@ def chart(records: list[dict[str, Any]], path: Path) -> None:
     sweeps = [r for r in records if r["kind"] == "scaling"]
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(13, max(3.5, 0.35 * len(runs) + 1.5)),
                                       gridspec_kw={"width_ratios": [3, 2]})
-    labels = [f"{run_label(r)} ×{r['world_size']} mb{r['micro_batch']} {r['precision']}" for r in runs]
+    labels = [f"{run_label(r)} ×{r['world_size']} mb{r['micro_batch']} {r['precision']}"
+              + (f" ({r['tag']})" if r.get("tag") else "") for r in runs]
     bars.barh(range(len(runs)), [r["images_per_s"] for r in runs], color="tab:blue")
     bars.set_yticks(range(len(runs)), labels, fontsize=7)
     bars.invert_yaxis()
@@ -118,8 +120,10 @@ def chart(records: list[dict[str, Any]], path: Path) -> None:
     for s in sweeps:
         procs = [row["processes"] for row in s["rows"]]
         ips = [row["images_per_s"] for row in s["rows"]]
-        line = lines.plot(procs, ips, marker="o", label=f"{s['stage']} {s['backbone']} mb{s['micro_batch']}")[0]
+        label = f"{s['stage']} {s['backbone']} mb{s['micro_batch']} ({s['tag']})"
+        line = lines.plot(procs, ips, marker="o", label=label)[0]
         lines.plot(procs, [ips[0] * p / procs[0] for p in procs], linestyle="--", color=line.get_color(), alpha=0.5)
+    lines.set_xticks(sorted({row["processes"] for s in sweeps for row in s["rows"]}) or [1])
     lines.set_xlabel("processes")
     lines.set_ylabel("images / s")
     lines.set_title("scaling (dashed: ideal)" if sweeps else "scaling (no sweeps recorded)")
