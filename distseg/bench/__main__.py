@@ -1,4 +1,4 @@
-"""``deepspeed --num_gpus N -m distseg.bench train ...``: the benchmark commands as a module for launchers.
+"""``deepspeed --num_gpus N --module distseg.bench train ...``: the benchmark commands as a module for launchers.
 
 The deepspeed launcher puts ``--local_rank=N`` before the subcommand (and also exports LOCAL_RANK), which a
 command group cannot accept there; it is moved into the environment instead.

@@ -39,7 +39,7 @@ def _free_port() -> int:
 
 
 def launch_train(cfg: BenchConfig, procs: int) -> int:
-    """Run ``bench train`` as ``deepspeed --num_gpus procs -m distseg.bench train --config FILE``; its exit code.
+    """Run ``bench train`` as ``deepspeed --num_gpus procs --module distseg.bench train --config FILE``; its exit code.
 
     The resolved config travels as a file so every rank parses exactly the same settings. Output streams through.
     """
