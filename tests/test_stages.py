@@ -83,13 +83,16 @@ def _max_diff(a, b):
     return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa)
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, target_shards, init_weights):
+@pytest.mark.parametrize("script,extra,exports", [
+    ("finetune_head.py", ["--set", "head.train_head=true"], ["model.safetensors"]),
+    ("ssl.py", ["--set", "ssl.tau=0.5", "--set", "ssl.ema_warmup=true"], ["model.safetensors", "student.safetensors"]),
+], ids=["head", "ssl"])
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, target_shards, init_weights, script, extra, exports):
     cfg = tiny_stage_config(tmp_path, steps=10, ckpt_every=2, fisher_batches=0)
-    args = ["--config", str(cfg), "--data", str(target_shards), "--parent", str(init_weights),
-            "--set", "head.train_head=true"]
-    launch("finetune_head.py", *args, "--out", str(tmp_path / "straight"))
+    args = ["--config", str(cfg), "--data", str(target_shards), "--parent", str(init_weights), *extra]
+    launch(script, *args, "--out", str(tmp_path / "straight"))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "finetune_head.py"), *args, "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / script), *args, "--out", str(killed)],
                             env=stage_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = killed / "checkpoint" / "step00000004" / "COMPLETE"
     deadline = time.time() + 300
@@ -98,8 +101,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, target_shards, in
     proc.kill()
     proc.wait()
     assert marker.exists() and not _record(killed)["finished"], "the run must be killed mid-way"
-    launch("finetune_head.py", *args, "--out", str(killed), "--resume")
+    launch(script, *args, "--out", str(killed), "--resume")
     assert _record(killed)["finished"] and _record(killed)["steps"] == 10
-    assert _max_diff(tmp_path / "straight" / "last" / "model.safetensors", killed / "last" / "model.safetensors") < 1e-6
+    for name in exports:  # for ssl: the EMA teacher and the student
+        assert _max_diff(tmp_path / "straight" / "last" / name, killed / "last" / name) < 1e-6, name
     lrs = [m["lr"] for m in _metrics(killed) if "lr" in m]
     assert lrs[-1] == pytest.approx([m["lr"] for m in _metrics(tmp_path / "straight") if "lr" in m][-1])
