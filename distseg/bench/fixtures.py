@@ -48,13 +48,16 @@ def synthetic_shards(folder: Path, distinct: int, labelled: int, unlabelled: int
     from distseg.data.shard import shard_dataset
     from distseg.data.synthetic import write_dataset
 
-    raw = write_dataset(folder / "raw", distinct, size=size, n_unlabeled=distinct, image_format="jpg")
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"generating {distinct} + {distinct} synthetic {size}px scenes"):
+        raw = write_dataset(folder / "raw", distinct, size=size, n_unlabeled=distinct, image_format="jpg")
     _replicate(raw / "images", ".jpg", labelled)
     _replicate(raw / "masks", ".png", labelled)
     _replicate(raw / "unlabeled", ".jpg", unlabelled)
     out = folder / "shards"
     shard_dataset(out, images=raw / "images", masks=raw / "masks", unlabeled=raw / "unlabeled",
-                  classes=raw / "classes.yaml", split="8:1:1", force=True)
+                  classes=raw / "classes.yaml", split="8:1:1", force=True, progress=True)
     return out
 
 
