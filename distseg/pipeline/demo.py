@@ -18,9 +18,9 @@ def generate_data(folder: Path, seed: int = 0) -> Path:
     from distseg.data.synthetic import write_dataset
 
     if not (folder / "target" / "classes.yaml").is_file():
-        write_dataset(folder / "target", n_images=40, size=(96, 160), domain="target", seed=seed)
+        write_dataset(folder / "target", n_images=40, size=128, domain="target", seed=seed)
     if not (folder / "intermediate" / "classes.yaml").is_file():
-        write_dataset(folder / "intermediate", n_images=60, size=(96, 160), domain="intermediate", seed=seed + 1)
+        write_dataset(folder / "intermediate", n_images=48, size=128, domain="intermediate", seed=seed + 1)
     return folder
 
 

@@ -8,13 +8,20 @@ import numpy as np
 from distseg.pipeline.plan import Plan
 
 
-def _tiles(shards: str, split: str, count: int):
-    """The first ``count`` tiles of a split, unaugmented: ([0, 1] float images B×3×H×W, masks B×H×W)."""
+def _tiles(shards: str, split: str, count: int, ignore_index: int):
+    """``count`` tiles of a split, unaugmented: ([0, 1] float images B×3×H×W, masks B×H×W).
+
+    Taken from the first few batches, preferring the tiles with the fewest ignored (e.g. padded) pixels.
+    """
+    import torch
+
     from distseg.data.stream import StreamConfig, build_loader
 
-    loader = build_loader(shards, split, StreamConfig(batch_size=count, num_workers=0), train=False)
+    loader = build_loader(shards, split, StreamConfig(batch_size=4 * count, num_workers=0), train=False)
     batch = next(iter(loader))
-    return batch["image"][:count], batch["mask"][:count]
+    valid = (batch["mask"] != ignore_index).flatten(1).float().mean(1)
+    order = torch.sort(torch.argsort(valid, descending=True, stable=True)[:count]).values
+    return batch["image"][order], batch["mask"][order]
 
 
 def _colorize(mask: np.ndarray, colors: list[tuple[int, int, int]], ignore_index: int) -> np.ndarray:
@@ -43,19 +50,25 @@ def write_figure(plan: Plan, path: Path, tiles: int) -> Path | None:
         return None
     first = evals[0]
     rows = [s for s in evals if s.data_path == first.data_path]
-    images, masks = _tiles(first.data_path, first.eval_options.split, tiles)
-    preds, class_map = [], None
+    from distseg.data.classes import ClassMap
+
+    class_map = ClassMap.from_manifest(first.data_path)
+    images, masks = _tiles(first.data_path, first.eval_options.split, tiles, class_map.ignore_index)
+    ignored = (masks == class_map.ignore_index).numpy()
+    preds = []
     with torch.no_grad():
         for stage in rows:
-            model, class_map = ckpt.load_inference_model(stage.parent_path, "cpu")
-            preds.append(model(images).argmax(1).numpy())
+            model, _ = ckpt.load_inference_model(stage.parent_path, "cpu")
+            pred = model(images).argmax(1).numpy()
+            pred[ignored] = class_map.ignore_index  # no prediction shown where there is no ground truth
+            preds.append(pred)
     colors, ignore = class_map.colors, class_map.ignore_index
     labels = ["image", "ground truth"] + [s.spec.label or s.name for s in rows]
     n = images.shape[0]
     fig, axes = plt.subplots(len(labels), n, figsize=(2.0 * n, 2.0 * len(labels)), squeeze=False)
     for j in range(n):
         panels = [images[j].permute(1, 2, 0).numpy(), _colorize(masks[j].numpy(), colors, ignore)]
-        panels += [_colorize(p[j], colors, 255) for p in preds]
+        panels += [_colorize(p[j], colors, ignore) for p in preds]
         for i, panel in enumerate(panels):
             ax = axes[i][j]
             ax.imshow(panel)

@@ -32,9 +32,13 @@ def _shards_current(path: Path, options: dict[str, Any]) -> bool:
 def build_datasets(plan: Plan, console) -> None:
     """Shard every dataset that has a ``shard`` block and is not already sharded with the same options."""
     from distseg.data.shard import shard_dataset
+    from distseg.data.synthetic import write_dataset
 
     for name, ds in plan.recipe.datasets.items():
-        spec = ds.shard
+        spec, synth = ds.shard, ds.synthetic
+        if synth is not None and not Path(spec.classes).is_file():
+            console.print(f"[bold]generating[/] {synth.images} synthetic {synth.domain!r} scenes for {name!r}")
+            write_dataset(Path(spec.classes).parent, synth.images, synth.size, synth.domain, seed=synth.seed)
         if spec is None or _shards_current(Path(ds.path), spec.options()):
             continue
         console.print(f"[bold]sharding[/] dataset {name!r} -> {ds.path}")
@@ -99,7 +103,7 @@ def finish(plan: Plan, console) -> dict[str, Any]:
         return out
     title = f"{plan.recipe.name}: test-split results"
     out["md"], out["csv"] = write_results(rows, plan.run_dir, title)
-    console.print(rich_table(rows, title))
+    console.print(rich_table(rows, title), width=max(console.width, 160))  # a wide table beats a wrapped one
     out["figure"] = write_figure(plan, plan.run_dir / "results.png", plan.recipe.figure_tiles)
     written = [str(p) for p in (out["md"], out["csv"], out["figure"]) if p]
     console.print("wrote " + ", ".join(written))

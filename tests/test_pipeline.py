@@ -1,0 +1,141 @@
+"""Recipe validation (each bad input fails before anything runs), skip/resume decisions and the results table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from distseg.cli import app
+from distseg.data.shard import shard_dataset
+from distseg.data.synthetic import write_dataset
+from distseg.pipeline import RecipeError, build_plan, load_recipe, run_recipe
+from distseg.pipeline.launch import decide
+from distseg.pipeline.recipe import substitute
+from distseg.pipeline.results import ResultRow, table
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, Path]:
+    """Tiny target (6 classes) and intermediate (8 classes) shard folders."""
+    root = tmp_path_factory.mktemp("shards")
+    out = {}
+    for domain, seed in (("target", 0), ("intermediate", 1)):
+        raw = write_dataset(root / f"raw_{domain}", 10, 64, domain, seed=seed)
+        shard_dataset(root / domain, images=raw / "images", masks=raw / "masks", classes=raw / "classes.yaml",
+                      split="6:2:2")
+        out[domain] = root / domain
+    out["init"] = root / "init.safetensors"
+    out["init"].write_bytes(b"")  # only its existence is checked before a run
+    return out
+
+
+def _recipe(tmp_path: Path, shards: dict[str, Path], stages: list[dict], **extra) -> Path:
+    data = {"name": "t", "launcher": "python", "model": {"backbone": "test_resnet"},
+            "datasets": {"target": str(shards["target"]), "inter": str(shards["intermediate"])},
+            "stages": stages, **extra}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _plan(path: Path, tmp_path: Path):
+    return build_plan(load_recipe(path, out=str(tmp_path / "run")), path)
+
+
+HEAD = {"name": "head", "kind": "head", "data": "target", "weights": "init.safetensors"}
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([HEAD, {"name": "kd", "kind": "distill", "data": "target", "parent": "nope"}], "unknown stage 'nope'"),
+    ([{"name": "a", "kind": "distill", "data": "target", "parent": "b"},
+      {"name": "b", "kind": "distill", "data": "target", "parent": "a"}], "cycle in stage parents: "),
+    ([HEAD, {"name": "kd", "kind": "distill", "data": "missing", "parent": "head"}], "unknown dataset 'missing'"),
+    ([HEAD, {"name": "kd", "kind": "distill", "data": "inter", "parent": "head"}], "class-map mismatch"),
+    ([HEAD, {"name": "ev", "kind": "eval", "data": "inter", "parent": "head"}], "class-map mismatch"),
+    ([HEAD, HEAD], "duplicate stage name"),
+    ([{"name": "h", "kind": "head", "data": "target"}], "needs 'parent', 'weights' or model.pretrained"),
+    ([{**HEAD, "overrides": {"train": {"stepz": 3}}}], "unknown key(s) ['stepz']"),
+    ([{**HEAD, "overrides": {"out": "elsewhere"}}], "may not set ['out']"),
+])
+def test_bad_recipes_fail_before_anything_runs(tmp_path, shards, stages, message):
+    (tmp_path / "init.safetensors").write_bytes(b"")
+    path = _recipe(tmp_path, shards, stages)
+    with pytest.raises(RecipeError) as info:
+        run_recipe(path, out=str(tmp_path / "run"))
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_mismatch_error_names_the_stage_and_is_fixed_by_a_head_stage(tmp_path, shards):
+    (tmp_path / "init.safetensors").write_bytes(b"")
+    bad = [HEAD, {"name": "kd", "kind": "distill", "data": "inter", "parent": "head"}]
+    with pytest.raises(RecipeError, match="stage 'kd': class-map mismatch"):
+        _plan(_recipe(tmp_path, shards, bad), tmp_path)
+    good = [HEAD, {"name": "head2", "kind": "head", "data": "inter", "parent": "head"},
+            {"name": "kd", "kind": "distill", "data": "inter", "parent": "head2"}]
+    assert [s.name for s in _plan(_recipe(tmp_path, shards, good), tmp_path).stages] == ["head", "head2", "kd"]
+
+
+def test_missing_shard_folder_and_weights(tmp_path, shards):
+    path = _recipe(tmp_path, {**shards, "target": tmp_path / "nowhere"}, [HEAD])
+    with pytest.raises(RecipeError, match=r"dataset 'target': .*nowhere is not a shard folder"):
+        _plan(path, tmp_path)
+    with pytest.raises(RecipeError, match=r"stage 'head': weights .*init.safetensors do not exist"):
+        _plan(_recipe(tmp_path, shards, [HEAD]), tmp_path)
+
+
+def test_cli_reports_bad_recipe_in_one_line(tmp_path, shards):
+    path = _recipe(tmp_path, shards, [{"name": "a", "kind": "ssl", "data": "target", "parent": "a"}])
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: ") and "cycle in stage parents: a -> a" in result.output
+
+
+def test_variables_and_relative_paths(tmp_path, shards, monkeypatch):
+    (tmp_path / "init.safetensors").write_bytes(b"")
+    path = _recipe(tmp_path, shards, [{**HEAD, "weights": "${W}"}], vars={"W": "missing.safetensors"})
+    monkeypatch.setenv("W", "also-missing")
+    recipe = load_recipe(path, {"W": "init.safetensors"})  # command line beats environment beats vars
+    assert recipe.stages[0].weights == str(tmp_path / "init.safetensors")
+    assert recipe.out == str(Path("runs/t").resolve())
+    assert load_recipe(path).stages[0].weights == str(tmp_path / "also-missing")
+    with pytest.raises(RecipeError, match=r"variable \$\{NOPE\} is not set"):
+        substitute({"a": ["x/${NOPE}"]}, {}, "r.yaml")
+
+
+def test_decisions_skip_resume_restart(tmp_path, shards):
+    (tmp_path / "init.safetensors").write_bytes(b"")
+    stages = [HEAD, {"name": "kd", "kind": "distill", "data": "target", "parent": "head"}]
+    plan = _plan(_recipe(tmp_path, shards, stages), tmp_path)
+    head, kd = plan.stages
+    assert decide(head, False).action == "start"
+    head.folder.mkdir(parents=True)
+    record = {"finished": True, "config": json.loads(json.dumps(_dict(head.config)))}
+    (head.folder / "stage.json").write_text(json.dumps(record))
+    (head.folder / "model.safetensors").write_bytes(b"")
+    assert decide(head, False).action == "skip"
+    assert decide(head, True).action == "restart" and decide(kd, True).action == "start"
+    (head.folder / "stage.json").write_text(json.dumps({**record, "finished": False}))
+    assert decide(head, False).flags == ["--resume"]
+    changed = {**record, "config": {**record["config"], "train": {**record["config"]["train"], "steps": 7}}}
+    (head.folder / "stage.json").write_text(json.dumps(changed))
+    assert decide(head, False).flags == ["--force"] and decide(head, False).reason == "config changed"
+
+
+def _dict(cfg):
+    from distseg.config import to_dict
+
+    return to_dict(cfg)
+
+
+def test_table_columns_union_and_na():
+    rows = [ResultRow("a", "s1", "test", ["x", "y"], [0.5, None], 0.5, 0.9, 10, 0, 12.0, 30.0),
+            ResultRow("b", "s2", "test", ["x", "z"], [0.25, 1.0], 0.625, None, None, 5, None, None)]
+    header, cells = table(rows)
+    assert header == ["row", "stage", "x", "y", "z", "mIoU", "labelled", "unlabelled", "stage s", "chain s"]
+    assert cells[0] == ["a", "s1", "50.00", "n/a", "", "50.00", "10", "0", "12", "30"]
+    assert cells[1] == ["b", "s2", "25.00", "", "100.00", "62.50", "n/a", "5", "n/a", "n/a"]

@@ -1,0 +1,68 @@
+"""Every shipped recipe validates and dry-runs (no data needed), with the commands it would launch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from distseg.cli import app
+from distseg.pipeline import build_plan, load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = [p for p in RECIPES if p.name != "dubai_classes.yaml"]
+EXPECTED = {"demo", "dubai_10pct", "eh_mkd_ssl", "eh_ablation", "cityscapes_semi"}
+
+
+def _vars(tmp_path: Path) -> dict[str, str]:
+    return {"DATA": str(tmp_path / "data"), "INIT": str(tmp_path / "init.safetensors")}
+
+
+def test_all_recipes_are_shipped():
+    assert {p.stem for p in RECIPES} == EXPECTED
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_dry_run(recipe, tmp_path):
+    plan = build_plan(load_recipe(recipe, _vars(tmp_path), out=str(tmp_path / "run")), recipe, require_inputs=False)
+    assert plan.stages, recipe
+    evals = [s for s in plan.stages if s.kind == "eval"]
+    assert evals, f"{recipe.name} has no eval stage, so no results row"
+    seen: set[str] = set()
+    for stage in plan.stages:  # parents-first order, every input inside the run or given from outside
+        assert stage.spec.parent is None or stage.spec.parent in seen
+        seen.add(stage.name)
+        assert stage.folder == tmp_path / "run" / stage.name
+        if stage.config is not None:
+            assert stage.config.out == str(stage.folder)
+            assert Path(stage.config.data.shards).is_absolute()
+    result = CliRunner().invoke(app, ["run", str(recipe), "--dry-run", "--out", str(tmp_path / "run"),
+                                      *[f"--var={k}={v}" for k, v in _vars(tmp_path).items()]])
+    assert result.exit_code == 0, result.output
+    launcher = {"deepspeed": "deepspeed --num_gpus", "torchrun": "torchrun --nproc_per_node",
+                "python": "python launch/"}[plan.recipe.launcher]
+    assert result.output.count(launcher) == len(plan.stages)
+    assert not (tmp_path / "run").exists(), "a dry run must not write anything"
+
+
+def test_study_recipe_holds_the_study_settings(tmp_path):
+    recipe = next(p for p in RECIPES if p.stem == "eh_mkd_ssl")
+    plan = build_plan(load_recipe(recipe, _vars(tmp_path)), recipe, require_inputs=False)
+    ssl = next(s for s in plan.stages if s.kind == "ssl").config
+    distill = next(s for s in plan.stages if s.kind == "distill").config
+    assert (ssl.model.backbone, ssl.model.psa) == ("hrnet_w48", "parallel")
+    assert ssl.global_batch == 8 and ssl.data.stream.augment.crop_size == 512
+    assert (ssl.optim.lr, ssl.loss.kind, ssl.ssl.tau, ssl.ssl.ema_alpha) == (1e-3, "ohem", 0.95, 0.999)
+    assert distill.distill.temperature == 3.0
+    kinds = [s.kind for s in plan.stages if s.kind != "eval"]
+    assert kinds == ["head", "distill", "head", "distill", "ssl"]
+
+
+def test_ablation_shares_stages(tmp_path):
+    recipe = next(p for p in RECIPES if p.stem == "eh_ablation")
+    plan = build_plan(load_recipe(recipe, _vars(tmp_path)), recipe, require_inputs=False)
+    evals = [s for s in plan.stages if s.kind == "eval"]
+    assert len(evals) == 8
+    assert len({s.parent_path for s in evals}) == 8, "each row evaluates its own model"
+    names = [s.name for s in plan.stages]
+    assert len(names) == len(set(names))
