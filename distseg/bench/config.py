@@ -64,6 +64,9 @@ class BenchConfig:
     synthetic_images: int = 32
     """Distinct synthetic scenes to generate when no --data is given (labelled, and as many unlabelled); they are
     repeated until every rank's epoch holds several batches."""
+    stage_set: tuple[str, ...] = ()
+    """Overrides of the timed stage's ``StageConfig`` as ``key=value`` (e.g. ``distill.alpha=0`` and
+    ``distill.ewc_lambda=0`` for a plain supervised step), applied after the benchmark's own settings."""
     peak_tflops: float | None = None
     """Peak TFLOPS per device for MFU (None: look the device up in ``PEAK_TFLOPS``; unknown or CPU: no MFU)."""
     out_dir: str = "benchmarks/results"

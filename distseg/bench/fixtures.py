@@ -129,8 +129,13 @@ def stage_config(cfg: BenchConfig, *, shards: str, parent: str, ds_config: str, 
     from distseg.stages.config import DataConfig, SSLOptions, StageConfig, TrainConfig
 
     stream = StreamConfig(num_workers=cfg.num_workers, augment=AugmentConfig(crop_size=cfg.size))
-    return StageConfig(
+    stage = StageConfig(
         kind=cfg.stage, out=run_dir, parent=parent, ds_config=ds_config, micro_batch=micro_batch, grad_accum=1,
         global_batch=micro_batch * world_size, data=DataConfig(shards=shards, stream=stream), model=cfg.model,
         train=TrainConfig(steps=cfg.warmup + cfg.steps, log_every=cfg.warmup + cfg.steps, fisher_batches=0),
         ssl=SSLOptions(unlabeled_ratio=cfg.unlabeled_ratio))
+    if not cfg.stage_set:
+        return stage
+    from distseg.config import apply_overrides, from_dict, to_dict
+
+    return from_dict(StageConfig, apply_overrides(to_dict(stage), list(cfg.stage_set)), where="stage_set")

@@ -24,6 +24,7 @@ from distseg.bench.config import BenchConfig, peak_tflops
 from distseg.bench.records import FIGURES, append_record, base_record
 from distseg.bench.timing import (StepClock, TimedStream, count_step_flops, grad_checkpointing_off, peak_memory_gb,
                                   percentile, reset_peak_memory)
+from distseg.engine.loop import train_step
 
 STAGE_CLASSES = {"head": ("distseg.stages.head", "HeadStage"), "distill": ("distseg.stages.distill", "DistillStage"),
                  "ssl": ("distseg.stages.ssl", "SSLStage")}
@@ -88,14 +89,6 @@ def use_channels_last_inputs(program) -> None:
     for model in (program.engine.module, getattr(program, "teacher", None)):
         if model is not None:
             model.register_forward_pre_hook(_to_channels_last)
-
-
-def train_step(program) -> None:
-    """One optimizer step of the loop's contract (``distseg.engine.loop.Trainer.run`` with one micro-step)."""
-    losses = program.forward()
-    program.engine.backward(losses["loss"])
-    program.engine.step()
-    program.after_step(bool(program.engine.was_step_applied()))
 
 
 def time_steps(program, cfg: BenchConfig, env, progress=None) -> dict[str, Any]:

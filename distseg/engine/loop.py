@@ -110,6 +110,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def train_step(program: StageProgram, accum: int = 1) -> dict[str, torch.Tensor]:
+    """One optimizer step: ``accum`` micro-steps through the engine, then the stage's after-step hook.
+
+    Returns every loss term summed over the micro-steps, detached and still on the device (no host sync). This is
+    the whole training step; the loop and ``distseg bench`` both call it.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    for _ in range(accum):
+        losses = program.forward()
+        program.engine.backward(losses["loss"])
+        program.engine.step()
+        for key, value in losses.items():
+            value = value.detach().float()
+            sums[key] = sums[key] + value if key in sums else value
+    program.after_step(bool(program.engine.was_step_applied()))
+    return sums
+
+
 class RunLog:
     """Rank-0 bookkeeping: metrics.jsonl and the rich progress bar."""
 
@@ -205,16 +223,10 @@ class Trainer:
         t_last, step_last = time.perf_counter(), self.step
         try:
             while self.step < self.cfg.steps:
-                for _ in range(self.accum):
-                    losses = self.p.forward()
-                    self.p.engine.backward(losses["loss"])
-                    self.p.engine.step()
-                    for key, value in losses.items():
-                        value = value.detach().float()
-                        sums[key] = sums[key] + value if key in sums else value
-                    count += 1
+                for key, value in train_step(self.p, self.accum).items():
+                    sums[key] = sums[key] + value if key in sums else value
+                count += self.accum
                 self.step += 1
-                self.p.after_step(bool(self.p.engine.was_step_applied()))
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                     now = time.perf_counter()
                     rate = (self.step - step_last) * self.images_per_step / max(now - t_last, 1e-9)
