@@ -2,14 +2,22 @@
 
 Per micro-step: a labelled batch and an unlabelled batch; the EMA teacher labels the weak view under averaged
 test-time augmentation; one fused op turns its probabilities into pseudo-labels and a keep mask; the student sees the
-strong view of the same crops (photometric only, so the geometry of labels and mask is unchanged) and minimises
-L_sup + λ_u(t)·L_cons. The teacher follows the student by EMA after every applied optimizer step.
+strong view of the same crops and minimises L_sup + λ_u(t)·L_cons. The strong view is photometric, plus CutMix boxes
+when ``data.stream.augment.cutmix_prob > 0``: the loader's mixing plan is then applied to the pseudo-labels, the keep
+mask and the teacher probabilities too, so every target still lines up with its pixel. The teacher follows the
+student by EMA after every applied optimizer step.
+
+The student runs two forwards per micro-step, labelled then unlabelled, rather than one on the concatenation: with
+one forward, BatchNorm normalises the clean labelled images with statistics shared with strongly augmented ones, and
+its running statistics (which the EMA passes to the teacher) are those of the mixture. See docs/ssl_findings.md.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from distseg.data.augment import apply_cutmix
 from distseg.data.manifest import read_manifest
 from distseg.engine import checkpoint as ckpt
 from distseg.engine.distributed import sync_bn_buffers
@@ -24,7 +33,7 @@ from distseg.engine.loop import EpochStream
 from distseg.losses import consistency_loss, supervised_loss
 from distseg.models.weights import save_weights
 from distseg.ops.ema import EMA
-from distseg.ops.pseudo import pseudo_label, tta_probs
+from distseg.ops.pseudo import PseudoLabels, pseudo_label, tta_probs
 from distseg.stages.base import StageBase, run_stage
 from distseg.stages.common import StageError, build_from, evaluate_model, frozen, make_loader, resolve_parent
 
@@ -37,6 +46,22 @@ def rampup(step: int, length: int) -> float:
         return 1.0
     t = step / length
     return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+@contextlib.contextmanager
+def running_stats_frozen(layers: list[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+    """BatchNorm layers still normalise with batch statistics but leave their running statistics unchanged.
+
+    Momentum 0 makes the running-average update an identity, without touching the autograd path.
+    """
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, saved):
+            m.momentum = momentum
 
 
 class SSLStage(StageBase):
@@ -53,6 +78,7 @@ class SSLStage(StageBase):
             shards, opts.unlabeled_split, cfg.data.stream, env, batch_size=self.micro * opts.unlabeled_ratio,
             train=True, views=("weak", "strong"), sample_fraction=opts.unlabeled_fraction, seed=cfg.train.seed + 1))
         self.streams = [self.train_stream, self.unl_stream]
+        self.bn_layers = [m for m in self.engine.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def build_models(self) -> tuple[nn.Module, list[nn.Parameter]]:
         parent = resolve_parent(self.cfg.parent, self.cfg.model)
@@ -68,8 +94,26 @@ class SSLStage(StageBase):
         return student, list(student.parameters())
 
     def forward(self) -> dict[str, torch.Tensor]:
-        opts, dev = self.cfg.ssl, self.env.device
+        opts = self.cfg.ssl
         images, masks = self.next_labelled()
+        strong, labels, keep, soft, pl = self.pseudo_targets()
+        with self.autocast:
+            logits_l = self.engine(images).float()
+            with running_stats_frozen(self.bn_layers):
+                logits_u = self.engine(strong).float()
+        sup = supervised_loss(logits_l, masks, self.cfg.loss)
+        cons = consistency_loss(logits_u, labels, keep, kind=opts.consistency, teacher_probs=soft)
+        weight = opts.lambda_u * rampup(self.engine.global_steps, opts.rampup_steps)
+        return {"loss": sup + weight * cons, "sup": sup.detach(), "cons": cons.detach(),
+                "kept_fraction": pl.kept_fraction.mean(), "confidence": pl.mean_confidence.mean(),
+                "entropy": pl.mean_entropy.mean(), "class_hist": pl.class_hist.float()}
+
+    def pseudo_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, PseudoLabels]:
+        """The strong view and its targets: labels, keep mask, teacher probs (KL only, else None), after CutMix.
+
+        The statistics in the returned :class:`PseudoLabels` describe the teacher's output before mixing.
+        """
+        opts, dev = self.cfg.ssl, self.env.device
         unl = next(self.unl_stream)
         weak = unl["image"].to(dev, non_blocking=True)
         strong = unl["image_strong"].to(dev, non_blocking=True)
@@ -77,15 +121,14 @@ class SSLStage(StageBase):
             probs = tta_probs(self.teacher, weak, opts.tta, opts.brightness)
         pl = pseudo_label(probs, tau=opts.tau, max_entropy=opts.max_entropy, from_logits=False,
                           ignore_index=self.class_map.ignore_index, tile_keep_quantile=opts.tile_keep_quantile)
-        with self.autocast:
-            logits = self.engine(torch.cat([images, strong])).float()
-        sup = supervised_loss(logits[: images.shape[0]], masks, self.cfg.loss)
-        cons = consistency_loss(logits[images.shape[0]:], pl.labels, pl.keep, kind=opts.consistency,
-                                teacher_probs=probs if opts.consistency == "kl" else None)
-        weight = opts.lambda_u * rampup(self.engine.global_steps, opts.rampup_steps)
-        return {"loss": sup + weight * cons, "sup": sup.detach(), "cons": cons.detach(),
-                "kept_fraction": pl.kept_fraction.mean(), "confidence": pl.mean_confidence.mean(),
-                "entropy": pl.mean_entropy.mean(), "class_hist": pl.class_hist.float()}
+        labels, keep = pl.labels, pl.keep
+        soft = probs if opts.consistency == "kl" else None
+        if "cutmix_box" in unl:
+            box = unl["cutmix_box"].to(dev, non_blocking=True)
+            index = unl["cutmix_index"].to(dev, non_blocking=True)
+            labels, keep = apply_cutmix(labels, box, index), apply_cutmix(keep, box, index)
+            soft = apply_cutmix(soft, box, index) if soft is not None else None
+        return strong, labels, keep, soft, pl
 
     def after_step(self, applied: bool) -> None:
         self.ema.update(applied)
