@@ -1,0 +1,106 @@
+"""A real two-stage ``distseg run`` through the CLI: results table, figure, logs; the second run trains nothing."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from distseg.cli import app
+from distseg.config import load_config, to_dict
+from distseg.data.synthetic import write_dataset
+from distseg.stages.config import StageConfig
+
+MODEL = {"backbone": "test_resnet", "psa": "parallel", "aspp_channels": 16, "decoder_channels": 16,
+         "low_level_channels": 8}
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    """Raw synthetic folders (sharded by the run itself), a fresh start model, and a head -> distill recipe."""
+    import torch
+
+    from distseg.models import ModelConfig, build_model
+    from distseg.models.weights import save_weights
+
+    root = tmp_path_factory.mktemp("recipe")
+    write_dataset(root / "raw", 10, 64, "target", seed=0)
+    torch.manual_seed(0)
+    save_weights(build_model(ModelConfig(**MODEL)), root / "init.safetensors")
+    data = {
+        "name": "tiny", "launcher": "python", "model": MODEL, "figure_tiles": 2,
+        "datasets": {"target": {"shard": {"images": "raw/images", "masks": "raw/masks",
+                                          "classes": "raw/classes.yaml", "split": "6:2:2", "seed": 0}}},
+        "defaults": {"global_batch": 4, "micro_batch": 4,
+                     "train": {"steps": 2, "log_every": 1, "fisher_batches": 1, "eval_batch_size": 4},
+                     "data": {"stream": {"num_workers": 0, "augment": {"crop_size": 64}}}},
+        "stages": [
+            {"name": "head", "kind": "head", "data": "target", "weights": "init.safetensors"},
+            {"name": "kd", "kind": "distill", "data": "target", "parent": "head"},
+            {"name": "eval_head", "kind": "eval", "data": "target", "parent": "head", "label": "teacher"},
+            {"name": "eval_kd", "kind": "eval", "data": "target", "parent": "kd", "label": "student"},
+        ]}
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(recipe) -> tuple[Path, str]:
+    out = recipe.parent / "run"
+    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_run_writes_results_for_every_eval_stage(first_run):
+    out, _ = first_run
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["row"], r["stage"], r["split"]) for r in rows] == [("teacher", "head", "test"),
+                                                                 ("student", "kd", "test")]
+    manifest = json.loads((out / "shards" / "target" / "manifest.json").read_text())
+    for row, stage in zip(rows, ("head", "kd")):
+        eval_json = json.loads((out / f"eval_{stage}" / "eval.json").read_text())
+        assert float(row["miou"]) == pytest.approx(eval_json["whole_tile"]["miou"], rel=1e-5)
+        assert int(row["labeled"]) == manifest["splits"]["train"]["samples"]
+        assert int(row["unlabeled"]) == 0
+        assert float(row["stage_seconds"]) > 0
+        assert (out / stage / "run.log").is_file()
+    assert float(rows[1]["chain_seconds"]) == pytest.approx(
+        float(rows[0]["stage_seconds"]) + float(rows[1]["stage_seconds"]), rel=1e-4)
+    assert "| teacher | head |" in (out / "results.md").read_text()
+    assert (out / "results.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_saved_stage_config_is_what_ran(first_run):
+    out, _ = first_run
+    saved = load_config(StageConfig, out / "configs" / "kd.yaml")
+    record = json.loads((out / "kd" / "stage.json").read_text())
+    assert saved.parent == str(out / "head") and saved.train.steps == 2
+    assert {k: v for k, v in to_dict(saved).items() if k != "model"} == \
+        {k: v for k, v in record["config"].items() if k not in ("model", "ds_config_resolved")}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_second_run_trains_nothing(recipe, first_run):
+    out, _ = first_run
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")}
+    before_eval = (out / "eval_kd" / "eval.json").stat().st_mtime_ns
+    timings = (out / "timings.json").read_text()
+    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("skipped") == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")} == before
+    assert (out / "eval_kd" / "eval.json").stat().st_mtime_ns == before_eval
+    assert (out / "timings.json").read_text() == timings
+    dry = CliRunner().invoke(app, ["run", str(recipe), "--out", str(out), "--dry-run"])
+    assert dry.output.count("# skip") == 4
