@@ -104,3 +104,21 @@ def test_second_run_trains_nothing(recipe, first_run):
     assert (out / "timings.json").read_text() == timings
     dry = CliRunner().invoke(app, ["run", str(recipe), "--out", str(out), "--dry-run"])
     assert dry.output.count("# skip") == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_failure_stops_the_chain_with_the_log_tail(recipe, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    data = yaml.safe_load(recipe.read_text())
+    data["datasets"]["target"]["shard"] = {k: str(recipe.parent / v) if k in ("images", "masks", "classes") else v
+                                           for k, v in data["datasets"]["target"]["shard"].items()}
+    data["stages"][0]["weights"] = str(broken)
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert "stage 'head' failed" in result.output and "broken.safetensors" in result.output
+    assert (tmp_path / "run" / "logs" / "head.log").is_file()
+    assert not (tmp_path / "run" / "kd").exists() and not (tmp_path / "run" / "results.csv").exists()
