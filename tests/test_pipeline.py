@@ -103,6 +103,8 @@ def test_variables_and_relative_paths(tmp_path, shards, monkeypatch):
     assert recipe.stages[0].weights == str(tmp_path / "init.safetensors")
     assert recipe.out == str(Path("runs/t").resolve())
     assert load_recipe(path).stages[0].weights == str(tmp_path / "also-missing")
+    assert substitute({"seed": "${S}", "p": "a/${S}", "l": ["${X}"]}, {"S": "3", "X": "/d"}, "r.yaml") == \
+        {"seed": 3, "p": "a/3", "l": ["/d"]}
     with pytest.raises(RecipeError, match=r"variable \$\{NOPE\} is not set"):
         substitute({"a": ["x/${NOPE}"]}, {}, "r.yaml")
 
@@ -133,9 +135,10 @@ def _dict(cfg):
 
 
 def test_table_columns_union_and_na():
-    rows = [ResultRow("a", "s1", "test", ["x", "y"], [0.5, None], 0.5, 0.9, 10, 0, 12.0, 30.0),
-            ResultRow("b", "s2", "test", ["x", "z"], [0.25, 1.0], 0.625, None, None, 5, None, None)]
+    rows = [ResultRow("a", "s1", "test", ["x", "y"], [0.5, None], 0.5, 0.9, 10, 0, 12.0, 30.0, 55.4),
+            ResultRow("b", "s2", "test", ["x", "z"], [0.25, 1.0], 0.625, None, None, 5, None, None, None)]
     header, cells = table(rows)
-    assert header == ["row", "stage", "x", "y", "z", "mIoU", "labelled", "unlabelled", "stage s", "chain s"]
-    assert cells[0] == ["a", "s1", "50.00", "n/a", "", "50.00", "10", "0", "12", "30"]
-    assert cells[1] == ["b", "s2", "25.00", "", "100.00", "62.50", "n/a", "5", "n/a", "n/a"]
+    assert header == ["row", "stage", "x", "y", "z", "mIoU", "labelled", "unlabelled", "stage s", "chain s",
+                      "chain CPU s"]
+    assert cells[0] == ["a", "s1", "50.00", "n/a", "", "50.00", "10", "0", "12", "30", "55"]
+    assert cells[1] == ["b", "s2", "25.00", "", "100.00", "62.50", "n/a", "5", "n/a", "n/a", "n/a"]

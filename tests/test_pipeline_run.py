@@ -74,6 +74,9 @@ def test_run_writes_results_for_every_eval_stage(first_run):
         assert (out / stage / "run.log").is_file()
     assert float(rows[1]["chain_seconds"]) == pytest.approx(
         float(rows[0]["stage_seconds"]) + float(rows[1]["stage_seconds"]), rel=1e-4)
+    timings = json.loads((out / "timings.json").read_text())
+    assert float(rows[1]["chain_cpu_seconds"]) == pytest.approx(timings["head"]["cpu"] + timings["kd"]["cpu"], rel=1e-4)
+    assert timings["kd"]["cpu"] > 1.0, "the stage process's CPU time is counted"
     assert "| teacher | head |" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 1000
 

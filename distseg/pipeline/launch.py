@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import time
 from dataclasses import dataclass
@@ -116,14 +117,16 @@ def _last_step(metrics: Path) -> tuple[int, dict[str, Any]]:
     return step, last
 
 
-def run_process(stage: PlannedStage, decision: Decision, log_path: Path, progress, task) -> tuple[int, float]:
+def run_process(stage: PlannedStage, decision: Decision, log_path: Path, progress,
+                task) -> tuple[int, float, float]:
     """Run the stage's command with its output in ``log_path``; update ``progress`` from metrics.jsonl.
 
-    Returns (exit status, wall seconds). The log is copied into the stage folder afterwards (it cannot live there
+    Returns (exit status, wall seconds, CPU seconds of the stage's processes). CPU time is the steadier cost on a
+    shared machine, where wall time also measures everybody else's load. The log is copied into the stage folder afterwards (it cannot live there
     while running: a restarted stage's folder is replaced by the stage itself).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu()
     with open(log_path, "w") as log:
         log.write(f"$ {stage.display} {' '.join(decision.flags)}\n")
         log.flush()
@@ -140,10 +143,16 @@ def run_process(stage: PlannedStage, decision: Decision, log_path: Path, progres
             proc.terminate()
             proc.wait()
             raise
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu_start
     if stage.folder.is_dir():
         (stage.folder / LOG_NAME).write_text(log_path.read_text())
-    return proc.returncode, seconds
+    return proc.returncode, seconds, cpu
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of all finished child processes (and the children they waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def log_tail(log_path: Path, lines: int = 30) -> str:

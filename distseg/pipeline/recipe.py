@@ -187,8 +187,17 @@ class Recipe:
 
 
 def substitute(value: Any, variables: dict[str, str], where: str) -> Any:
-    """Replace ``${NAME}`` in every string of a nested structure; an undefined variable is an error."""
+    """Replace ``${NAME}`` in every string of a nested structure; an undefined variable is an error.
+
+    A string that is exactly one variable takes the value parsed as YAML (so numbers stay numbers).
+    """
     if isinstance(value, str):
+        whole = _VAR.fullmatch(value)
+        if whole and whole.group(1) in variables:  # `seed: ${SEED}` keeps the value's YAML type (an int here)
+            import yaml
+
+            return yaml.safe_load(str(variables[whole.group(1)]))
+
         def repl(match: re.Match) -> str:
             name = match.group(1)
             if name not in variables:

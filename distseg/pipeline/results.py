@@ -30,14 +30,17 @@ class ResultRow:
     """Wall time of the evaluated stage's own run."""
     chain_seconds: float | None
     """Wall time of the evaluated stage and all its ancestors (each counted once): what the model cost."""
+    chain_cpu_seconds: float | None = None
+    """CPU time of the same chain (steadier than wall time on a shared machine)."""
 
 
-def load_timings(run_dir: Path) -> dict[str, float]:
+def load_timings(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Stage name -> {"wall": s, "cpu": s} of its last real run (skipped stages keep theirs)."""
     path = run_dir / TIMINGS
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_timings(run_dir: Path, timings: dict[str, float]) -> None:
+def save_timings(run_dir: Path, timings: dict[str, dict[str, float]]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_json_atomic(run_dir / TIMINGS, timings)
 
@@ -51,19 +54,24 @@ def _ancestors(plan: Plan, name: str | None) -> list[str]:
     return out
 
 
-def _row(plan: Plan, stage: PlannedStage, timings: dict[str, float]) -> ResultRow:
+def _chain_total(chain: list[str], timings: dict[str, dict[str, float]], key: str) -> float | None:
+    """Sum of one timing over a chain; None when any stage's timing is unknown (run elsewhere)."""
+    values = [timings.get(name, {}).get(key) for name in chain]
+    return sum(values) if chain and None not in values else None
+
+
+def _row(plan: Plan, stage: PlannedStage, timings: dict[str, dict[str, float]]) -> ResultRow:
     saved = json.loads((stage.folder / "eval.json").read_text())
     metrics = saved["whole_tile"]
     trained = stage.spec.parent
     record = ckpt.read_stage(plan.run_dir / trained) if trained else {}
     chain = _ancestors(plan, trained)
-    chain_times = [timings.get(n) for n in chain]
     return ResultRow(
         label=stage.spec.label or stage.name, stage=trained or str(stage.parent_path), split=saved["split"],
         class_names=list(metrics["class_names"]), per_class_iou=list(metrics["per_class_iou"]),
         miou=metrics["miou"], pixel_acc=metrics["pixel_acc"], labeled=record.get("labeled_samples"),
-        unlabeled=record.get("unlabeled_samples"), stage_seconds=timings.get(trained) if trained else None,
-        chain_seconds=sum(chain_times) if chain and None not in chain_times else None)
+        unlabeled=record.get("unlabeled_samples"), stage_seconds=timings.get(trained or "", {}).get("wall"),
+        chain_seconds=_chain_total(chain, timings, "wall"), chain_cpu_seconds=_chain_total(chain, timings, "cpu"))
 
 
 def collect_rows(plan: Plan) -> list[ResultRow]:
@@ -87,14 +95,14 @@ def table(rows: list[ResultRow]) -> tuple[list[str], list[list[str]]]:
     classes: list[str] = []
     for row in rows:
         classes += [c for c in row.class_names if c not in classes]
-    header = ["row", "stage", *classes, "mIoU", "labelled", "unlabelled", "stage s", "chain s"]
+    header = ["row", "stage", *classes, "mIoU", "labelled", "unlabelled", "stage s", "chain s", "chain CPU s"]
     cells = []
     for row in rows:
         iou = dict(zip(row.class_names, row.per_class_iou))
         cells.append([row.label, row.stage, *[_pct(iou[c]) if c in iou else "" for c in classes], _pct(row.miou),
                       str(row.labeled if row.labeled is not None else "n/a"),
                       str(row.unlabeled if row.unlabeled is not None else "n/a"),
-                      _secs(row.stage_seconds), _secs(row.chain_seconds)])
+                      _secs(row.stage_seconds), _secs(row.chain_seconds), _secs(row.chain_cpu_seconds)])
     return header, cells
 
 
@@ -102,21 +110,21 @@ def write_results(rows: list[ResultRow], run_dir: Path, title: str) -> tuple[Pat
     """results.md (a Markdown table, IoU in %) and results.csv (IoU as fractions, seconds unrounded)."""
     header, cells = table(rows)
     md = [f"# {title}", "", f"Per-class IoU and mIoU in % on the {rows[0].split if rows else 'test'} split; "
-          "wall times in seconds (chain: the stage and all its ancestors).", "",
+          "wall and CPU times in seconds (chain: the stage and all its ancestors).", "",
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in cells]
     md_path, csv_path = run_dir / "results.md", run_dir / "results.csv"
     md_path.write_text("\n".join(md) + "\n")
-    classes = header[2:-5]
+    classes = header[2:-6]
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["row", "stage", "split", *[f"iou_{c}" for c in classes], "miou", "pixel_acc",
-                         "labeled", "unlabeled", "stage_seconds", "chain_seconds"])
+                         "labeled", "unlabeled", "stage_seconds", "chain_seconds", "chain_cpu_seconds"])
         for row in rows:
             iou = dict(zip(row.class_names, row.per_class_iou))
             writer.writerow([row.label, row.stage, row.split, *[_num(iou.get(c)) for c in classes], _num(row.miou),
                              _num(row.pixel_acc), _num(row.labeled), _num(row.unlabeled), _num(row.stage_seconds),
-                             _num(row.chain_seconds)])
+                             _num(row.chain_seconds), _num(row.chain_cpu_seconds)])
     return md_path, csv_path
 
 

@@ -83,14 +83,14 @@ def run_stages(plan: Plan, console) -> None:
                 continue
             write_stage_config(stage)
             log = plan.run_dir / "logs" / f"{stage.name}.log"
-            code, seconds = run_process(stage, decision, log, progress, task)
+            code, seconds, cpu = run_process(stage, decision, log, progress, task)
             if code != 0:
                 progress.update(task, info=f"[red]failed (exit {code})")
                 raise StageFailed(stage.name, code, log, log_tail(log))
             rerun.add(stage.name)
-            timings[stage.name] = seconds
+            timings[stage.name] = {"wall": seconds, "cpu": cpu}
             save_timings(plan.run_dir, timings)
-            progress.update(task, completed=steps, info=f"done in {seconds:.0f} s")
+            progress.update(task, completed=steps, info=f"done in {seconds:.0f} s ({cpu:.0f} CPU s)")
 
 
 def finish(plan: Plan, console) -> dict[str, Any]:
