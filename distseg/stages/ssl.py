@@ -7,9 +7,11 @@ when ``data.stream.augment.cutmix_prob > 0``: the loader's mixing plan is then a
 mask and the teacher probabilities too, so every target still lines up with its pixel. The teacher follows the
 student by EMA after every applied optimizer step.
 
-The student runs two forwards per micro-step, labelled then unlabelled, rather than one on the concatenation: with
-one forward, BatchNorm normalises the clean labelled images with statistics shared with strongly augmented ones, and
-its running statistics (which the EMA passes to the teacher) are those of the mixture. See docs/ssl_findings.md.
+The student runs two forwards per micro-step, labelled then unlabelled, rather than one on the concatenation, and
+BatchNorm running statistics are updated by the labelled forward only (:func:`running_stats_frozen` around the strong
+one). Those statistics are what the EMA hands to the teacher and what evaluation uses: letting grayscale, jittered
+and blurred views into them cost 0.02-0.04 val mIoU even with λ_u = 0, and one concatenated forward also normalises
+the clean labelled images with statistics shared with the strong views. Measurements: docs/ssl_findings.md.
 """
 from __future__ import annotations
 
