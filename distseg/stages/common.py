@@ -55,6 +55,19 @@ def resolve_parent(path: str | None, fallback: ModelConfig) -> Parent:
     raise StageError(f"{p}: parent stage folder or weights file not found")
 
 
+def parent_matching(path: str | None, fallback: ModelConfig, class_map: ClassMap, role: str) -> Parent:
+    """The parent of a distill or ssl stage, which must already predict ``class_map`` (only head stages may change
+    the class set); ``role`` names the parent in the error ("teacher", "start model")."""
+    parent = resolve_parent(path, fallback)
+    if parent.class_map is not None and parent.class_map != class_map:
+        raise StageError(f"{path}: the {role}'s classes {parent.class_map.names} differ from the data's "
+                         f"{class_map.names}; run a head stage on this data first")
+    if parent.model_cfg.num_classes != class_map.num_classes:
+        raise StageError(f"{path}: the {role} predicts {parent.model_cfg.num_classes} classes but the data has "
+                         f"{class_map.num_classes}; run a head stage on this data first")
+    return parent
+
+
 def build_from(parent: Parent, num_classes: int | None = None, pretrained: str | None = None) -> nn.Module:
     """Build the parent's architecture and load its weights; ``num_classes`` swaps in a fresh classifier.
 

@@ -8,20 +8,14 @@ from torch import nn
 
 from distseg.losses import EWC, kd_loss, load_fisher, supervised_loss
 from distseg.stages.base import StageBase, run_stage
-from distseg.stages.common import StageError, build_from, frozen, resolve_parent
+from distseg.stages.common import build_from, frozen, parent_matching
 
 
 class DistillStage(StageBase):
     kind = "distill"
 
     def build_models(self) -> tuple[nn.Module, list[nn.Parameter]]:
-        parent = resolve_parent(self.cfg.parent, self.cfg.model)
-        if parent.class_map is not None and parent.class_map != self.class_map:
-            raise StageError(f"{self.cfg.parent}: the teacher's classes {parent.class_map.names} differ from the "
-                             f"data's {self.class_map.names}; run a head stage on this data first")
-        if parent.model_cfg.num_classes != self.class_map.num_classes:
-            raise StageError(f"{self.cfg.parent}: the teacher predicts {parent.model_cfg.num_classes} classes but "
-                             f"the data has {self.class_map.num_classes}; run a head stage on this data first")
+        parent = parent_matching(self.cfg.parent, self.cfg.model, self.class_map, "teacher")
         self.teacher = frozen(build_from(parent)).to(self.env.device)
         opts = self.cfg.distill
         if opts.init_from_teacher:
