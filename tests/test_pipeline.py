@@ -142,3 +142,22 @@ def test_table_columns_union_and_na():
                       "chain CPU s"]
     assert cells[0] == ["a", "s1", "50.00", "n/a", "", "50.00", "10", "0", "12", "30", "55"]
     assert cells[1] == ["b", "s2", "25.00", "", "100.00", "62.50", "n/a", "5", "n/a", "n/a", "n/a"]
+
+
+def test_ssl_pool_from_another_dataset_and_layering(tmp_path, shards):
+    (tmp_path / "init.safetensors").write_bytes(b"")
+    (tmp_path / "pool").mkdir()
+    stages = [HEAD, {"name": "kd", "kind": "distill", "data": "target", "parent": "head",
+                     "overrides": {"train": {"steps": 9}}},
+              {"name": "semi", "kind": "ssl", "data": "target", "parent": "kd", "unlabeled": "pool"}]
+    path = _recipe(tmp_path, shards, stages, defaults={"train": {"steps": 5, "seed": 3}, "optim": {"lr": 0.5}},
+                   kind_defaults={"ssl": {"train": {"steps": 7}}})
+    data = yaml.safe_load(path.read_text())
+    data["datasets"]["pool"] = {"shard": {"unlabeled": "pool"}}
+    path.write_text(yaml.safe_dump(data))
+    head, kd, semi = _plan(path, tmp_path).stages
+    assert semi.config.ssl.unlabeled_shards == str(tmp_path / "run" / "shards" / "pool")
+    assert semi.config.data.shards == str(shards["target"])
+    assert [s.config.train.steps for s in (head, kd, semi)] == [5, 9, 7]
+    assert {s.config.train.seed for s in (head, kd, semi)} == {3} and semi.config.optim.lr == 0.5
+    assert semi.config.parent == str(kd.folder) and head.config.parent == str(tmp_path / "init.safetensors")
