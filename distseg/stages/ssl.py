@@ -37,7 +37,7 @@ from distseg.models.weights import save_weights
 from distseg.ops.ema import EMA
 from distseg.ops.pseudo import PseudoLabels, pseudo_label, tta_probs
 from distseg.stages.base import StageBase, run_stage
-from distseg.stages.common import StageError, build_from, evaluate_model, frozen, make_loader, resolve_parent
+from distseg.stages.common import build_from, evaluate_model, frozen, make_loader, parent_matching
 
 STUDENT_WEIGHTS = "student.safetensors"
 
@@ -83,13 +83,7 @@ class SSLStage(StageBase):
         self.bn_layers = [m for m in self.engine.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def build_models(self) -> tuple[nn.Module, list[nn.Parameter]]:
-        parent = resolve_parent(self.cfg.parent, self.cfg.model)
-        if parent.class_map is not None and parent.class_map != self.class_map:
-            raise StageError(f"{self.cfg.parent}: the start model's classes {parent.class_map.names} differ from the "
-                             f"data's {self.class_map.names}; run a head stage on this data first")
-        if parent.model_cfg.num_classes != self.class_map.num_classes:
-            raise StageError(f"{self.cfg.parent}: the start model predicts {parent.model_cfg.num_classes} classes "
-                             f"but the data has {self.class_map.num_classes}")
+        parent = parent_matching(self.cfg.parent, self.cfg.model, self.class_map, "start model")
         student = build_from(parent)
         self.teacher = frozen(copy.deepcopy(student)).to(self.env.device)
         self.model_cfg = dataclasses.replace(parent.model_cfg, pretrained=None)
