@@ -66,3 +66,19 @@ def test_ablation_shares_stages(tmp_path):
     assert len({s.parent_path for s in evals}) == 8, "each row evaluates its own model"
     names = [s.name for s in plan.stages]
     assert len(names) == len(set(names))
+
+
+def test_dubai_recipe_validates_against_the_real_data(tmp_path):
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (shared / "dubai_aerial").is_dir():
+        pytest.skip(f"real data not available: {shared / 'dubai_aerial'} is absent")
+    init = tmp_path / "init.safetensors"
+    init.write_bytes(b"")
+    recipe = next(p for p in RECIPES if p.stem == "dubai_10pct")
+    plan = build_plan(load_recipe(recipe, {"DATA": str(shared), "INIT": str(init)}, out=str(tmp_path / "run")),
+                      recipe)  # every input must exist; the class maps come from the recipe's class file
+    assert not plan.warnings
+    chain = plan.by_name()["chain"].config
+    assert chain.data.shards == str(tmp_path / "run" / "shards" / "dubai")
+    assert (chain.distill.alpha, chain.distill.init_from_teacher) == (1.0, True)
+    assert plan.recipe.datasets["dubai"].shard.labeled_fraction == 0.1
