@@ -54,8 +54,8 @@ def run(
 
 
 def demo(
-    data: Optional[Path] = typer.Option(None, "--data", help="Folder with target/ and intermediate/ (each images/, "
-                                                             "masks/, classes.yaml, optional unlabeled/); "
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder with target/ and intermediate/, each holding "
+                                                             "images/, masks/ and classes.yaml; "
                                                              "default: generate synthetic data."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the data, shards and stage folders."),
 ) -> None:
