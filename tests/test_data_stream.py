@@ -52,7 +52,7 @@ def test_plan_gives_equal_batches_and_disjoint_ranges(sizes, batch):
 
 def test_eval_plan_reads_every_sample_once_without_padding():
     samples = fake_samples([7, 3, 11, 1, 5])
-    refs, batches = [], 0
+    refs = []
     for r in range(3):
         for slot in plan_epoch(samples, rank=r, world_size=3, num_workers=2, batch_size=4, seed=0, epoch=0,
                                train=False):

@@ -59,15 +59,3 @@ def autocast_context(cfg: dict, device: torch.device):
         return torch.autocast(device.type, enabled=False)
     dtype = torch.float16 if mode == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
-
-
-def micro_steps(total_steps: int, grad_accum: int) -> int:
-    """Micro-steps (forward/backward calls) for ``total_steps`` optimizer steps."""
-    return total_steps * grad_accum
-
-
-def images_per_step(cfg: dict) -> int:
-    """Global images per optimizer step."""
-    return int(cfg["train_batch_size"])
-
-
