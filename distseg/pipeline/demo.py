@@ -52,11 +52,9 @@ def init_weights(recipe_path: Path, path: Path) -> Path:
 def run_demo(data: Path | None = None, out: Path = Path("runs/demo"), recipe: Path = DEMO_RECIPE,
              console=None) -> dict[str, Any]:
     """Generate or check the data, then run the demo recipe into ``out/run``; prints the table and wall time."""
-    from rich.console import Console
+    from distseg.pipeline.runner import results_console, run_recipe
 
-    from distseg.pipeline.runner import run_recipe
-
-    console = console or Console()
+    console = console or results_console()
     start = time.perf_counter()
     out = Path(out)
     if data is None:

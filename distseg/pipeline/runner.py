@@ -110,15 +110,25 @@ def finish(plan: Plan, console) -> dict[str, Any]:
     return out
 
 
+def results_console():
+    """A rich console that keeps the results table readable when the output is a log file or a pipe.
+
+    Rich assumes 80 columns when stdout is not a terminal, which squeezes a table of per-class IoUs into ellipses.
+    """
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def run_recipe(path: str | Path, *, variables: dict[str, str] | None = None, out: str | None = None,
                dry_run: bool = False, console=None) -> dict[str, Any]:
     """Validate the recipe completely, then (unless ``dry_run``) shard, train, evaluate and tabulate.
 
     Returns ``{"plan", "rows", "md", "csv", "figure"}`` (only ``plan`` on a dry run).
     """
-    from rich.console import Console
-
-    console = console or Console()
+    console = console or results_console()
     recipe = load_recipe(path, variables, out)
     plan = build_plan(recipe, path, require_inputs=not dry_run)
     if dry_run:
