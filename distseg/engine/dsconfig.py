@@ -6,11 +6,10 @@ for a mismatch is cryptic, so it is checked here first with the three numbers in
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
-from distseg.config import ConfigError
+from distseg.config import ConfigError, read_mapping
 
 _KNOWN_SECTIONS = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "zero_optimization",
@@ -32,12 +31,7 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
         path = shipped
     if not path.is_file():
         raise ConfigError(f"{path}: DeepSpeed config not found")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    cfg = read_mapping(path)
     unknown = sorted(set(cfg) - _KNOWN_SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown DeepSpeed section(s) {unknown}")
