@@ -21,7 +21,7 @@ from distseg.data.classes import ClassMap, Unknown
 from distseg.data.errors import DataError
 from distseg.data.imageio import encode_png, image_size, list_images, load_image, load_mask
 from distseg.data.manifest import FORMAT, read_manifest, write_manifest
-from distseg.data.splitting import assign_splits, group_of, labeled_subset, parse_ratio, stable_hash
+from distseg.data.splitting import assign_splits, group_of, labeled_subset, parse_assign, parse_ratio, stable_hash
 from distseg.data.tiling import crop_padded, is_whole, tile_grid
 from distseg.data.writer import ShardLimit, SplitWriter, parse_shard_size
 
@@ -72,7 +72,8 @@ def _collect(images: Path | None, masks: Path | None, unlabeled: Path | None,
     return sources
 
 
-def _plan(sources: list[Source], tile: int | None, overlap: int, ratios: dict[str, float], seed: int) -> None:
+def _plan(sources: list[Source], tile: int | None, overlap: int, ratios: dict[str, float], seed: int,
+          pinned: dict[str, str]) -> None:
     """Fill in sizes, crops, keys and the split of every labelled source, from file headers only."""
     seen: dict[str, Path] = {}
     for src in sources:
@@ -87,7 +88,7 @@ def _plan(sources: list[Source], tile: int | None, overlap: int, ratios: dict[st
             if seen.setdefault(key, src.image) != src.image:
                 raise DataError(f"{src.image}: sample key {key!r} collides with {seen[key]} (rename one file)")
     labelled = [s for s in sources if s.mask is not None]
-    by_group = assign_splits([s.group for s in labelled], ratios, seed)
+    by_group = assign_splits([s.group for s in labelled], ratios, seed, pinned)
     for src in labelled:
         src.split = by_group[src.group]
 
@@ -170,7 +171,8 @@ def _progress(enabled: bool, total: int) -> Any:
 def shard_dataset(out: str | Path, images: str | Path | None = None, masks: str | Path | None = None,
                   unlabeled: str | Path | None = None, classes: str | Path | None = None, tile: int | None = None,
                   overlap: int = 0, split: str = "8:1:1", labeled_fraction: float = 1.0,
-                  group_by: str | None = None, seed: int = 0, shard_size: str | int = 1000,
+                  group_by: str | None = None, assign: str | None = None, seed: int = 0,
+                  shard_size: str | int = 1000,
                   unknown: Unknown = "error", force: bool = False, command: list[str] | None = None,
                   progress: bool = False) -> dict[str, Any]:
     """Write ``OUT/<split>-NNNNNN.tar`` shards and ``OUT/manifest.json``; returns the manifest.
@@ -181,7 +183,7 @@ def shard_dataset(out: str | Path, images: str | Path | None = None, masks: str 
     """
     out = Path(out)
     pattern = _check_options(tile, overlap, labeled_fraction, unknown, group_by)
-    ratios, limit = parse_ratio(split), parse_shard_size(shard_size)
+    ratios, limit, pinned = parse_ratio(split), parse_shard_size(shard_size), parse_assign(assign)
     if images is None and unlabeled is None:
         raise DataError("nothing to shard: give --images (with --masks for labelled data) and/or --unlabeled")
     if masks is not None and images is None:
@@ -191,14 +193,14 @@ def shard_dataset(out: str | Path, images: str | Path | None = None, masks: str 
     class_map = ClassMap.from_file(classes) if classes is not None else None
     sources = _collect(Path(images) if images else None, Path(masks) if masks else None,
                        Path(unlabeled) if unlabeled else None, pattern)
-    _plan(sources, tile, overlap, ratios, seed)
+    _plan(sources, tile, overlap, ratios, seed, pinned)
     splits = _tile_splits(sources, labeled_fraction, seed)
     tmp = _prepare_out(out, force)
     try:
         stats = _write_all(tmp, sources, splits, class_map, unknown, limit, seed, progress)
         manifest = _manifest(stats, class_map, command, dict(
             tile=tile, overlap=overlap, split=split, labeled_fraction=labeled_fraction, group_by=group_by,
-            seed=seed, shard_size=str(shard_size), unknown=unknown))
+            assign=assign, seed=seed, shard_size=str(shard_size), unknown=unknown))
         write_manifest(tmp, manifest)
         if out.exists():
             shutil.rmtree(out)

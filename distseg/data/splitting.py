@@ -54,11 +54,35 @@ def split_counts(n: int, ratios: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def assign_splits(groups: list[str], ratios: dict[str, float], seed: int) -> dict[str, str]:
-    """Map each group to a split: groups ordered by a seeded hash, then cut by the split counts."""
-    unique = sorted(set(groups), key=lambda g: (stable_hash(seed, "split", g), g))
+def parse_assign(text: str | None) -> dict[str, str]:
+    """'val=tile2,test=tile8,test=tile9' -> {'tile2': 'val', 'tile8': 'test', 'tile9': 'test'} (group -> split).
+
+    Official splits (LoveDA, Potsdam, Cityscapes) pin named groups to a split; a group may be pinned once.
+    """
+    pinned: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        split, sep, group = item.partition("=")
+        split, group = split.strip(), group.strip()
+        if not sep or split not in SPLITS or not group:
+            raise DataError(f"--assign {text!r}: expected SPLIT=GROUP pairs separated by commas, SPLIT one of "
+                            f"{list(SPLITS)} (got {item!r})")
+        if pinned.setdefault(group, split) != split:
+            raise DataError(f"--assign {text!r}: group {group!r} is pinned to both {pinned[group]} and {split}")
+    return pinned
+
+
+def assign_splits(groups: list[str], ratios: dict[str, float], seed: int,
+                  pinned: dict[str, str] | None = None) -> dict[str, str]:
+    """Map each group to a split: ``pinned`` groups to their split, the others ordered by a seeded hash and cut
+    by the split counts."""
+    pinned = pinned or {}
+    unknown = sorted(set(pinned) - set(groups))
+    if unknown:
+        raise DataError(f"--assign names group(s) {unknown} that no labelled file belongs to; groups: "
+                        f"{sorted(set(groups))[:20]}")
+    unique = sorted(set(groups) - set(pinned), key=lambda g: (stable_hash(seed, "split", g), g))
     counts = split_counts(len(unique), ratios)
-    out: dict[str, str] = {}
+    out: dict[str, str] = dict(pinned)
     start = 0
     for name in SPLITS:
         for g in unique[start:start + counts[name]]:

