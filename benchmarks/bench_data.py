@@ -117,8 +117,8 @@ def loaders(args: argparse.Namespace, root: Path, classes: Path, shards: Path) -
                               persistent_workers=keep), lambda n: n),
         "folder": (DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=args.workers,
                               collate_fn=lambda items: folder_collate(items, aug), persistent_workers=keep),
-                   lambda b: len(b["mask"])),
-        "stream": (build_loader(shards, "train", cfg), lambda b: len(b["key"])),
+                   lambda b: len(b.mask)),
+        "stream": (build_loader(shards, "train", cfg), lambda b: len(b.key)),
     }
 
 

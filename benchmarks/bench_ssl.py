@@ -7,7 +7,7 @@
 * ``pseudo``: ``pseudo_label`` (torch.compile'd single pass) against ``pseudo_label_reference``
   (separate ops, per-image and per-class loops) on 8×6×512×512 logits, with confidence, entropy
   and tile filters on. Target: ≥ 2×. The eager run of the fused code is reported too.
-* ``step``: the share of a real SSL training step (``SSLStage`` + ``train_step``) spent outside the network's
+* ``step``: the share of a real SSL training step (the ssl ``Trainer`` + ``train_step``) spent outside the network's
   forwards, backward and optimizer update: EMA, pseudo-labelling, CutMix, losses, data hand-off. Target ≤ 5 %.
 
 Each part is a function returning a dict; ``main`` runs the chosen parts, prints the ratios and
@@ -108,14 +108,15 @@ def bench_pseudo(repeats: int, shape: tuple[int, int, int, int] = (8, 6, 512, 51
 
 
 def _ssl_stage(folder, backbone: str, size: int, micro_batch: int):
-    """A real SSLStage (one CPU process) on synthetic shards, started from a random parent."""
+    """A real ssl-stage Trainer (one CPU process) on synthetic shards, started from a random parent."""
     from distseg.bench import fixtures
     from distseg.config import from_dict
     from distseg.data.classes import ClassMap
     from distseg.engine.distributed import init_distributed
     from distseg.models import ModelConfig
     from distseg.stages.config import StageConfig
-    from distseg.stages.ssl import SSLStage
+    from distseg.stages.registry import get_kind
+    from distseg.stages.trainer import Trainer
 
     labelled, unlabelled = fixtures.synthetic_sizes(16, micro_batch, 1, 1)
     shards = fixtures.synthetic_shards(folder, 16, labelled, unlabelled, size)
@@ -126,7 +127,7 @@ def _ssl_stage(folder, backbone: str, size: int, micro_batch: int):
         "micro_batch": micro_batch, "grad_accum": 1, "global_batch": micro_batch,
         "data": {"shards": str(shards), "stream": {"num_workers": 1, "augment": {"crop_size": size}}},
         "train": {"steps": 1000, "fisher_batches": 0}})
-    return SSLStage(cfg, init_distributed(device="cpu"))
+    return Trainer(get_kind("ssl"), cfg, init_distributed(device="cpu"))
 
 
 def bench_step(repeats: int, backbone: str = "hrnet_w18_small", size: int = 128, micro_batch: int = 4) -> dict:
@@ -139,24 +140,27 @@ def bench_step(repeats: int, backbone: str = "hrnet_w18_small", size: int = 128,
     """
     import tempfile
 
-    from distseg.engine.loop import train_step
+    from distseg.engine.loop import next_batches, train_step
 
     with tempfile.TemporaryDirectory(prefix="bench-ssl-step-") as tmp:
         stage = _ssl_stage(Path(tmp), backbone, size, micro_batch)
-        opts = stage.cfg.ssl
-        images, _ = stage.next_labelled()
-        unl = next(stage.unl_stream)
-        weak, strong = unl["image"], unl["image_strong"]
+        task, device = stage.task, stage.env.device
+        opts = task.options
+        batches = next_batches(stage.streams, device)
+        images, weak, strong = batches.labelled.image, batches.unlabelled.image, batches.unlabelled.image_strong
 
         def model_only() -> None:
-            with torch.no_grad(), stage.autocast:
-                stage.teacher(torch.cat([weak] * len(opts.tta)))
-            with stage.autocast:
+            with torch.no_grad(), task.autocast:
+                task.teacher(torch.cat([weak] * len(opts.tta)))
+            with task.autocast:
                 loss = stage.engine(images).float().mean() + stage.engine(strong).float().mean()
             stage.engine.backward(loss)
             stage.engine.step()
 
-        t = compare({"full": lambda: train_step(stage), "model": model_only}, repeats)
+        def full() -> None:
+            train_step(task, stage.engine, stage.streams, device)
+
+        t = compare({"full": full, "model": model_only}, repeats)
     share = 1.0 - t["model"]["median_s"] / t["full"]["median_s"]
     return {"backbone": backbone, "size": size, "micro_batch": micro_batch, "tta_views": len(opts.tta), **t,
             "overhead_share": share, "headline": f"overhead share {share:.1%} of the step (target <= 5%)",

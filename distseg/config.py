@@ -8,13 +8,19 @@ hold the fully resolved config it was trained with.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+_INT = re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$|^0x[0-9a-fA-F_]+$|^0o?[0-7_]+$")
+_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"
+                    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
 
 
 class ConfigError(ValueError):
@@ -65,8 +71,19 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys are an error, naming the key and its place."""
+    """Build dataclass ``cls`` from ``data``; unknown keys are an error, naming the key and its place.
+
+    A dataclass whose layout depends on a value (a stage config, whose options section is named after its kind)
+    defines ``from_mapping(data, where)`` and ``to_mapping()``; both directions then go through them.
+    """
     where = where or cls.__name__
+    if hasattr(cls, "from_mapping"):
+        return cls.from_mapping(data, where)
+    return build_fields(cls, data, where)
+
+
+def build_fields(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """The field-by-field construction behind :func:`from_dict` (strict keys, coerced types)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -82,6 +99,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T
 def to_dict(obj: Any) -> Any:
     """Dataclass (nested) -> plain JSON/YAML-safe structure; tuples become lists."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if hasattr(obj, "to_mapping"):
+            return obj.to_mapping()
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
@@ -99,17 +118,51 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such file")
     text = path.read_text()
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else load_yaml(text)
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError, reported uniformly
         raise ConfigError(f"{path}: cannot parse: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
     return data
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 numbers: ``1e-3`` is a float and ``6:1:1`` a string.
+
+    YAML 1.1 (PyYAML's default) wants a dot in a float (``1.0e-3``) and reads ``6:1:1`` as the base-60 integer
+    21661. Recipes, stage configs and ``--set`` all come through here, so the README's own notation works everywhere.
+    """
+    import yaml
+
+    return yaml.load(text, Loader=_yaml12_loader())  # noqa: S506 - a SafeLoader subclass
+
+
+@functools.cache
+def _yaml12_loader() -> type:
+    """PyYAML's SafeLoader with its integer and float resolvers replaced by YAML 1.2's."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """A safe loader with YAML 1.2's integer and float syntax."""
+
+    numeric = ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int")
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in numeric]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+.0123456789"))
+    return Loader
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data['a']['b']['c'] = value`` for ``dotted='a.b.c'``, creating mappings on the way."""
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a mapping")
+    node[leaf] = value
 
 
 def load_config(cls: type[T], path: str | Path) -> T:
@@ -136,18 +189,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, returning a copy."""
     import copy
 
-    import yaml
-
     out = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE")
         key, raw = item.split("=", 1)
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            set_dotted(out, key, load_yaml(raw))
+        except ConfigError as exc:
+            raise ConfigError(f"override {item!r}: {exc}") from None
     return out

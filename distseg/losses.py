@@ -3,7 +3,7 @@
 * :func:`supervised_loss`: pixel cross-entropy with an ignore index, or OHEM.
 * :func:`kd_loss`: temperature-scaled KL from a teacher's soft output, T² scaled, masked.
 * :func:`consistency_loss`: the SSL term, CE against pseudo-labels or KL to the teacher, on kept pixels.
-* EWC: :func:`compute_fisher`, :class:`EWC`, :func:`save_fisher` / :func:`load_fisher`.
+* :class:`EWC`: the penalty around an anchor, weighted by a diagonal Fisher (estimated in :mod:`distseg.fisher`).
 
 Every loss here is host-sync free: thresholds are tensors, empty selections give an exact 0 that
 still carries a graph, so a training step never waits on the device to decide what to compute.
@@ -11,8 +11,7 @@ still carries a graph, so a training step never waits on the device to decide wh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Iterator, Literal, NamedTuple
+from typing import Iterable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -136,95 +135,6 @@ def consistency_loss(
 # --------------------------------------------------------------------------------------- EWC
 
 
-def _image_log_likelihoods(
-    logits: Tensor, target: Tensor | None, labels: str, ignore_index: int
-) -> Tensor:
-    """Mean per-pixel log-likelihood of each image (B values) under the chosen labels."""
-    log_p = F.log_softmax(logits.float(), dim=1)
-    if labels == "predicted":
-        return log_p.max(dim=1).values.flatten(1).mean(1)
-    valid = target != ignore_index
-    picked = log_p.gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)
-    mask = valid.to(picked.dtype)
-    return (picked * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
-
-
-def _batches_with_progress(batches: Iterable[dict], n_batches: int, progress: bool) -> Iterator[dict]:
-    """The first ``n_batches`` batches, with a rich progress bar when asked."""
-    limited = (b for _, b in zip(range(n_batches), batches))
-    if not progress:
-        yield from limited
-        return
-    from rich.progress import track
-
-    yield from track(limited, total=n_batches, description="Fisher")
-
-
-@torch.no_grad()
-def _accumulate_sq(acc: list[Tensor], grads: tuple[Tensor | None, ...]) -> None:
-    """acc += g² for every parameter (a parameter unused by the graph has g = None and adds nothing)."""
-    pairs = [(a, g) for a, g in zip(acc, grads) if g is not None]
-    if pairs:
-        torch._foreach_addcmul_([a for a, _ in pairs], [g.float() for _, g in pairs], [g.float() for _, g in pairs])
-
-
-def _batch_target(batch: dict, key: str, device: torch.device) -> Tensor:
-    """The ground-truth mask of a batch, on ``device``; a clear error when the batch has none."""
-    if key not in batch:
-        raise KeyError(f"labels='target' needs batches with a {key!r} entry, got keys {sorted(batch)}")
-    return batch[key].to(device)
-
-
-def compute_fisher(
-    model: nn.Module,
-    batches: Iterable[dict],
-    n_batches: int,
-    device: torch.device | str | None = None,
-    *,
-    labels: Literal["predicted", "target"] = "predicted",
-    image_key: str = "image",
-    target_key: str = "mask",
-    ignore_index: int = 255,
-    progress: bool = False,
-) -> dict[str, Tensor]:
-    """Diagonal Fisher information of ``model`` on up to ``n_batches`` batches (fp32, by parameter name).
-
-    F_i = mean over images of (∂ℓ/∂θ_i)², where ℓ is one image's mean per-pixel log-likelihood.
-    Per image, not per batch: the square of a batch-mean gradient would shrink F by about the batch
-    size. ``labels="predicted"`` (default) scores the model's own argmax prediction on the data it
-    was trained on, so F measures how sharply the model's *current* answers depend on each weight
-    and needs no labels; ``"target"`` uses the ground truth (the "empirical Fisher", biased where
-    the model is wrong). The model runs in eval mode (BN statistics untouched) and its mode is
-    restored; only parameters with ``requires_grad`` are scored. Batches are dicts; their images
-    (and masks) are moved to ``device`` when given, and the model must already be there.
-    """
-    if labels not in ("predicted", "target"):
-        raise ValueError(f"labels must be 'predicted' or 'target', got {labels!r}")
-    if n_batches < 1:
-        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    n_images = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in _batches_with_progress(batches, n_batches, progress):
-            images = batch[image_key] if device is None else batch[image_key].to(device)
-            target = _batch_target(batch, target_key, images.device) if labels == "target" else None
-            ll = _image_log_likelihoods(model(images), target, labels, ignore_index)
-            for i in range(ll.shape[0]):
-                grads = torch.autograd.grad(ll[i], params, retain_graph=i < ll.shape[0] - 1, allow_unused=True)
-                _accumulate_sq(acc, grads)
-            n_images += ll.shape[0]
-    finally:
-        model.train(was_training)
-    if n_images == 0:
-        raise ValueError("compute_fisher: the batch iterable was empty")
-    torch._foreach_div_(acc, float(n_images))
-    return {name: a for (name, _), a in zip(named, acc)}
-
-
 class _Matched(NamedTuple):
     """Parameters paired with their anchor and √Fisher, ready for one foreach computation."""
 
@@ -290,46 +200,3 @@ class EWC:
         torch._foreach_mul_(diff, matched.sqrt_fisher)
         sq = torch.stack(torch._foreach_norm(diff)).float().pow(2).sum()
         return 0.5 * self.lam * sq
-
-
-class FisherState(NamedTuple):
-    """What a ``fisher.safetensors`` file holds."""
-
-    fisher: dict[str, Tensor]
-    anchor: dict[str, Tensor] | None
-
-
-_FISHER, _ANCHOR = "fisher.", "anchor."
-
-
-def save_fisher(path: str | Path, fisher: dict[str, Tensor], anchor: dict[str, Tensor] | None = None) -> None:
-    """Write the Fisher (and optionally the anchor weights) to a safetensors file, atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tensors = {_FISHER + k: v.detach().cpu().contiguous() for k, v in fisher.items()}
-    if anchor is not None:
-        tensors.update({_ANCHOR + k: v.detach().cpu().contiguous() for k, v in anchor.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "distseg-fisher", "has_anchor": str(anchor is not None)})
-    tmp.replace(path)
-
-
-def load_fisher(path: str | Path) -> FisherState:
-    """Read a file written by :func:`save_fisher`; errors name the file and the problem."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no Fisher file")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable safetensors file: {exc}") from exc
-    fisher = {k[len(_FISHER):]: v for k, v in tensors.items() if k.startswith(_FISHER)}
-    anchor = {k[len(_ANCHOR):]: v for k, v in tensors.items() if k.startswith(_ANCHOR)}
-    if not fisher:
-        raise ValueError(f"{path}: holds no '{_FISHER}*' tensors, so it is not a Fisher file")
-    return FisherState(fisher, anchor or None)
-

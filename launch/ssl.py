@@ -1,4 +1,4 @@
-"""Stage launcher: `deepspeed launch/ssl.py --ds_config ds_configs/<cfg>.json --out DIR ...`."""
+"""Stage launcher: `deepspeed launch/ssl.py --ds_config ds_configs/<cfg>.json --out DIR ...` (the 'ssl' kind)."""
 import os
 import sys
 
@@ -8,4 +8,4 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 from distseg.stages.launcher import main  # noqa: E402
 
 if __name__ == "__main__":
-    main("ssl")
+    main("ssl", prog="launch/ssl.py")

@@ -74,4 +74,4 @@ def test_stream_a_training_batch(dubai):
     out, _ = dubai
     cfg = StreamConfig(batch_size=2, num_workers=0)
     batch = next(iter(build_loader(out, "train", cfg)))
-    assert batch["image"].shape == (2, 3, 512, 512) and set(batch["mask"].unique().tolist()) <= {0, 1, 2, 3, 4, 255}
+    assert batch.image.shape == (2, 3, 512, 512) and set(batch.mask.unique().tolist()) <= {0, 1, 2, 3, 4, 255}

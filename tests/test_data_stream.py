@@ -79,11 +79,11 @@ def test_two_ranks_two_workers_equal_batches_no_duplicates(shards):
         n = 0
         for batch in loader:
             n += 1
-            assert batch["image"].shape == (3, 3, 24, 24) and batch["image"].dtype == torch.float32
-            assert batch["mask"].shape == (3, 24, 24) and batch["mask"].dtype == torch.int64
-            assert batch["image_strong"].shape == batch["image"].shape
-            assert 0 <= batch["image"].min() and batch["image"].max() <= 1
-            keys += batch["key"]
+            assert batch.image.shape == (3, 3, 24, 24) and batch.image.dtype == torch.float32
+            assert batch.mask.shape == (3, 24, 24) and batch.mask.dtype == torch.int64
+            assert batch.image_strong.shape == batch.image.shape
+            assert 0 <= batch.image.min() and batch.image.max() <= 1
+            keys += batch.key
         counts.append(n)
         assert n == len(loader)
     assert counts[0] == counts[1] == 5  # ceil(ceil(27 / 2) / 3)
@@ -98,7 +98,7 @@ def test_epochs_reshuffle_deterministically_with_persistent_workers(shards):
 
     def order(epoch: int) -> list[str]:
         loader.set_epoch(epoch)  # must reach the persistent worker processes
-        return [k for b in loader for k in b["key"]]
+        return [k for b in loader for k in b.key]
 
     first, second, again = order(3), order(4), order(3)
     assert first == again and first != second
@@ -113,11 +113,11 @@ def test_eval_sees_each_sample_once_and_pads_to_batch_max(shards):
         n = 0
         for batch in loader:
             n += 1
-            seen += batch["key"]
-            for i in range(len(batch["key"])):
-                pad = batch["mask"][i] == 255
-                assert (batch["image"][i][:, pad] == 0).all()  # padding is 0 in the image
-            assert batch["image"].shape[-2:] == batch["mask"].shape[-2:]
+            seen += batch.key
+            for i in range(len(batch.key)):
+                pad = batch.mask[i] == 255
+                assert (batch.image[i][:, pad] == 0).all()  # padding is 0 in the image
+            assert batch.image.shape[-2:] == batch.mask.shape[-2:]
         assert n == len(loader)
     assert sorted(seen) == [f"scene_{i:04d}" for i in range(27)]
 
@@ -126,12 +126,12 @@ def test_strong_view_is_the_same_crop(shards):
     aug = AugmentConfig(crop_size=16, brightness=0.0, **NO_STRONG)
     batch = next(iter(build_loader(shards, "train", StreamConfig(batch_size=2, num_workers=0, augment=aug),
                                    views=("weak", "strong"))))
-    assert torch.equal(batch["image"], batch["image_strong"])
+    assert torch.equal(batch.image, batch.image_strong)
     aug = AugmentConfig(crop_size=16, brightness=0.0, jitter_prob=0.0, blur_prob=0.0, grayscale_prob=1.0)
     batch = next(iter(build_loader(shards, "train", StreamConfig(batch_size=2, num_workers=0, augment=aug),
                                    views=("weak", "strong"))))
-    gray = (batch["image"] * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
-    torch.testing.assert_close(batch["image_strong"][:, 0], gray)
+    gray = (batch.image * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+    torch.testing.assert_close(batch.image_strong[:, 0], gray)
 
 
 def corrupt_one(shard_dir: Path, tmp_path: Path) -> Path:
@@ -158,7 +158,7 @@ def test_corrupt_sample_is_skipped_counted_and_replaced(shards, tmp_path):
     loader = build_loader(bad, "train", cfg)
     with pytest.warns(UserWarning, match="skipping corrupt sample"):
         batches = list(loader)
-    assert len(batches) == len(loader) == 9 and all(len(b["key"]) == 3 for b in batches)
+    assert len(batches) == len(loader) == 9 and all(len(b.key) == 3 for b in batches)
     assert loader.errors == {"corrupt": 1, "seen": 27}
     strict = build_loader(bad, "train", StreamConfig(batch_size=3, num_workers=0, max_error_rate=0.0,
                                                      augment=AugmentConfig(crop_size=16)))
@@ -190,7 +190,7 @@ def test_unlabelled_split_with_sample_fraction(tmp_path):
     cfg = StreamConfig(batch_size=4, num_workers=0, augment=AugmentConfig(crop_size=16), sample_fraction=0.5)
     keys = []
     for batch in build_loader(tmp_path / "out", "unlabeled", cfg, views=("weak", "strong")):
-        assert set(batch) == {"key", "image", "image_strong"}
-        keys += batch["key"]
+        assert batch.mask is None and batch.image_strong is not None and batch.cutmix_box is None
+        keys += batch.key
     chosen = {r.key for refs in build_loader(tmp_path / "out", "unlabeled", cfg).stream.samples for r in refs}
     assert set(keys) == chosen and 10 <= len(chosen) <= 30

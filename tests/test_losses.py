@@ -8,16 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from distseg.config import ConfigError, from_dict
-from distseg.losses import (
-    EWC,
-    SupervisedLossConfig,
-    compute_fisher,
-    consistency_loss,
-    kd_loss,
-    load_fisher,
-    save_fisher,
-    supervised_loss,
-)
+from distseg.data.batch import Batch
+from distseg.fisher import compute_fisher, load_fisher, save_fisher
+from distseg.losses import EWC, SupervisedLossConfig, consistency_loss, kd_loss, supervised_loss
 
 
 def _logits_target(seed: int = 0, b: int = 2, c: int = 4, h: int = 6, w: int = 5, ignore_frac: float = 0.3):
@@ -193,7 +186,7 @@ def test_ewc_weighted_by_fisher_and_skips_shape_mismatch():
 def _batches(n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [
-        {"image": torch.rand(2, 3, 8, 8, generator=g), "mask": torch.randint(0, 3, (2, 8, 8), generator=g)}
+        Batch(key=["a", "b"], image=torch.rand(2, 3, 8, 8, generator=g), mask=torch.randint(0, 3, (2, 8, 8), generator=g))
         for _ in range(n)
     ]
 
@@ -210,7 +203,7 @@ def test_fisher_matches_per_image_loop(labels):
     assert "3.bias" not in fisher
     ref = {k: torch.zeros_like(v) for k, v in fisher.items()}
     model.eval()
-    images = [(b["image"][i : i + 1], b["mask"][i : i + 1]) for b in batches[:2] for i in range(2)]
+    images = [(b.image[i : i + 1], b.mask[i : i + 1]) for b in batches[:2] for i in range(2)]
     for image, mask in images:
         model.zero_grad()
         log_p = F.log_softmax(model(image), 1)
@@ -243,8 +236,8 @@ def test_fisher_file_round_trip_and_errors(tmp_path):
 
 def test_fisher_bad_input():
     model = _tiny_net()
-    with pytest.raises(KeyError, match="'mask'"):
-        compute_fisher(model, [{"image": torch.rand(1, 3, 8, 8)}], n_batches=1, labels="target")
+    with pytest.raises(ValueError, match="needs labelled batches"):
+        compute_fisher(model, [Batch(key=["a"], image=torch.rand(1, 3, 8, 8))], n_batches=1, labels="target")
     with pytest.raises(ValueError, match="empty"):
         compute_fisher(model, [], n_batches=1)
     with pytest.raises(ValueError, match="labels"):

@@ -56,7 +56,7 @@ HEAD = {"name": "head", "kind": "head", "data": "target", "weights": "init.safet
     ([HEAD, {"name": "kd", "kind": "distill", "data": "inter", "parent": "head"}], "class-map mismatch"),
     ([HEAD, {"name": "ev", "kind": "eval", "data": "inter", "parent": "head"}], "class-map mismatch"),
     ([HEAD, HEAD], "duplicate stage name"),
-    ([{"name": "h", "kind": "head", "data": "target"}], "needs 'parent', 'weights' or model.pretrained"),
+    ([{"name": "h", "kind": "head", "data": "target"}], "a head stage needs a parent (stage folder or weights) or model.pretrained"),
     ([{**HEAD, "overrides": {"train": {"stepz": 3}}}], "unknown key(s) ['stepz']"),
     ([{**HEAD, "overrides": {"out": "elsewhere"}}], "may not set ['out']"),
 ])
@@ -116,22 +116,17 @@ def test_decisions_skip_resume_restart(tmp_path, shards):
     head, kd = plan.stages
     assert decide(head, False).action == "start"
     head.folder.mkdir(parents=True)
-    record = {"finished": True, "config": json.loads(json.dumps(_dict(head.config)))}
+    record = {"finished": True, "identity": json.loads(json.dumps(head.identity))}
     (head.folder / "stage.json").write_text(json.dumps(record))
     (head.folder / "model.safetensors").write_bytes(b"")
     assert decide(head, False).action == "skip"
     assert decide(head, True).action == "restart" and decide(kd, True).action == "start"
     (head.folder / "stage.json").write_text(json.dumps({**record, "finished": False}))
     assert decide(head, False).flags == ["--resume"]
-    changed = {**record, "config": {**record["config"], "train": {**record["config"]["train"], "steps": 7}}}
+    config = record["identity"]["config"]
+    changed = {**record, "identity": {**record["identity"], "config": {**config, "train": {**config["train"], "steps": 7}}}}
     (head.folder / "stage.json").write_text(json.dumps(changed))
     assert decide(head, False).flags == ["--force"] and decide(head, False).reason == "config changed"
-
-
-def _dict(cfg):
-    from distseg.config import to_dict
-
-    return to_dict(cfg)
 
 
 def test_table_columns_union_and_na():
@@ -156,7 +151,7 @@ def test_ssl_pool_from_another_dataset_and_layering(tmp_path, shards):
     data["datasets"]["pool"] = {"shard": {"unlabeled": "pool"}}
     path.write_text(yaml.safe_dump(data))
     head, kd, semi = _plan(path, tmp_path).stages
-    assert semi.config.ssl.unlabeled_shards == str(tmp_path / "run" / "shards" / "pool")
+    assert semi.config.data.unlabeled == (str(tmp_path / "run" / "shards" / "pool"),)
     assert semi.config.data.shards == str(shards["target"])
     assert [s.config.train.steps for s in (head, kd, semi)] == [5, 9, 7]
     assert {s.config.train.seed for s in (head, kd, semi)} == {3} and semi.config.optim.lr == 0.5

@@ -40,7 +40,7 @@ def test_recipe_dry_run(recipe, tmp_path):
                                       *[f"--var={k}={v}" for k, v in _vars(tmp_path).items()]])
     assert result.exit_code == 0, result.output
     launcher = {"deepspeed": "deepspeed --num_gpus", "torchrun": "torchrun --nproc_per_node",
-                "python": "python launch/"}[plan.recipe.launcher]
+                "python": "python -m distseg.stages"}[plan.recipe.launcher]
     assert result.output.count(launcher) == len(plan.stages)
     assert not (tmp_path / "run").exists(), "a dry run must not write anything"
 
@@ -52,8 +52,8 @@ def test_study_recipe_holds_the_study_settings(tmp_path):
     distill = next(s for s in plan.stages if s.kind == "distill").config
     assert (ssl.model.backbone, ssl.model.psa) == ("hrnet_w48", "parallel")
     assert ssl.global_batch == 8 and ssl.data.stream.augment.crop_size == 512
-    assert (ssl.optim.lr, ssl.loss.kind, ssl.ssl.tau, ssl.ssl.ema_alpha) == (1e-3, "ohem", 0.95, 0.999)
-    assert distill.distill.temperature == 3.0
+    assert (ssl.optim.lr, ssl.loss.kind, ssl.options.tau, ssl.options.ema_alpha) == (1e-3, "ohem", 0.95, 0.999)
+    assert distill.options.temperature == 3.0
     kinds = [s.kind for s in plan.stages if s.kind != "eval"]
     assert kinds == ["head", "distill", "head", "distill", "ssl"]
 
@@ -80,5 +80,5 @@ def test_dubai_recipe_validates_against_the_real_data(tmp_path):
     assert not plan.warnings
     chain = plan.by_name()["chain"].config
     assert chain.data.shards == str(tmp_path / "run" / "shards" / "dubai")
-    assert (chain.distill.alpha, chain.distill.init_from_teacher) == (1.0, True)
+    assert (chain.options.alpha, chain.options.init_from_teacher) == (1.0, True)
     assert plan.recipe.datasets["dubai"].shard.labeled_fraction == 0.1

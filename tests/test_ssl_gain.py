@@ -49,9 +49,9 @@ def test_running_stats_frozen_keeps_statistics_but_normalises_by_batch():
 def test_cutmix_plan_is_applied_to_pseudo_labels_keep_and_teacher_probs():
     """A per-pixel teacher on the mixed image must give exactly the mixed targets of the unmixed image."""
     from distseg.data.augment import apply_cutmix, cutmix_boxes
+    from distseg.data.batch import Batch
     from distseg.ops.pseudo import pseudo_label, tta_probs
-    from distseg.stages.config import SSLOptions
-    from distseg.stages.ssl import SSLStage
+    from distseg.stages.ssl import SSLOptions, SSLTask
 
     torch.manual_seed(0)
     teacher = nn.Conv2d(3, 4, 1).eval()  # per-pixel, so predicting on a mixed image = mixing the predictions
@@ -61,11 +61,10 @@ def test_cutmix_plan_is_applied_to_pseudo_labels_keep_and_teacher_probs():
     box, index = cutmix_boxes(4, 16, 16, 1.0, torch.Generator().manual_seed(1))
     strong = apply_cutmix(weak, box, index)
     opts = SSLOptions(tau=0.6, consistency="kl", tta=("identity",))
-    fake = SimpleNamespace(cfg=SimpleNamespace(ssl=opts), env=SimpleNamespace(device=torch.device("cpu")),
-                           autocast=contextlib.nullcontext(), class_map=SimpleNamespace(ignore_index=255),
-                           teacher=teacher, unl_stream=iter([{"image": weak, "image_strong": strong,
-                                                              "cutmix_box": box, "cutmix_index": index}]))
-    out_strong, labels, keep, soft, _ = SSLStage.pseudo_targets(fake)
+    fake = SimpleNamespace(options=opts, autocast=contextlib.nullcontext(), class_map=SimpleNamespace(ignore_index=255),
+                           teacher=teacher)
+    unl = Batch(key=list("abcd"), image=weak, image_strong=strong, cutmix_box=box, cutmix_index=index)
+    out_strong, labels, keep, soft, _ = SSLTask.pseudo_targets(fake, unl)
     expected_probs = tta_probs(teacher, strong, ("identity",))
     expected = pseudo_label(expected_probs, tau=0.6, from_logits=False, compile=False)
     unmixed = pseudo_label(tta_probs(teacher, weak, ("identity",)), tau=0.6, from_logits=False, compile=False)

@@ -13,26 +13,28 @@ pytestmark = pytest.mark.slow
 _SCRIPT = r"""
 import sys, torch
 from distseg.engine.distributed import init_distributed
+from distseg.engine.loop import next_batches
 from distseg.stages.launcher import build_config
-from distseg.stages.ssl import SSLStage
+from distseg.stages.registry import get_kind
+from distseg.stages.trainer import Trainer
 
 cfg = build_config("ssl", sys.argv[1], {"data.shards": sys.argv[2], "parent": sys.argv[3], "out": sys.argv[4]},
                    ["ssl.ema_alpha=0.9", "ssl.tau=0.0"])
 env = init_distributed(device="cpu")
-stage = SSLStage(cfg, env)
-teacher, student = stage.teacher, stage.engine.module
+stage = Trainer(get_kind("ssl"), cfg, env)
+teacher, student = stage.task.teacher, stage.engine.module
 optimised = {id(p) for group in stage.engine.optimizer.param_groups for p in group["params"]}
 assert not optimised & {id(p) for p in teacher.parameters()}, "teacher parameters in the optimizer"
 assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
 for step in range(3):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     for _ in range(stage.ds_cfg["gradient_accumulation_steps"]):
-        losses = stage.forward()
+        losses = stage.task.step(next_batches(stage.streams, env.device))
         stage.engine.backward(losses["loss"])
         stage.engine.step()
     assert all(p.grad is None for p in teacher.parameters()), "teacher received gradients"
     assert losses["kept_fraction"].item() == 1.0  # tau = 0 keeps every pixel
-    stage.after_step(stage.engine.was_step_applied())
+    stage.task.after_step(stage.engine.was_step_applied())
     after, now = teacher.state_dict(), student.state_dict()
     for k, v in after.items():
         if v.is_floating_point():
@@ -40,7 +42,7 @@ for step in range(3):
         else:
             assert torch.equal(v, now[k]), k
     assert not teacher.training
-stage.after_step(False)  # a skipped (overflowed) step leaves the teacher untouched
+stage.task.after_step(False)  # a skipped (overflowed) step leaves the teacher untouched
 assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in after.items())
 print("OK")
 """

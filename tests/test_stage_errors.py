@@ -95,7 +95,7 @@ def test_fisher_command_covers_every_parameter(finished_head, target_shards):
     from typer.testing import CliRunner
 
     from distseg.cli import app
-    from distseg.losses import load_fisher
+    from distseg.fisher import load_fisher
 
     result = CliRunner().invoke(app, ["fisher", str(finished_head), "--batches", "2", "--batch-size", "2"])
     assert result.exit_code == 0, result.output

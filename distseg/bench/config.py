@@ -33,8 +33,8 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 class BenchConfig:
     """One ``distseg bench train`` run: which stage step, on what data and model, timed how."""
 
-    stage: Literal["head", "distill", "ssl"] = "ssl"
-    """The stage whose real training step is timed (teacher forwards and TTA included)."""
+    stage: str = "ssl"
+    """The registered stage kind whose real training step is timed (teacher forwards and TTA included)."""
     data: str = ""
     """Shard folder to read ('' = generate a small synthetic dataset in a temporary folder)."""
     ds_config: str = ""
@@ -58,7 +58,7 @@ class BenchConfig:
     compile_backend: str = "inductor"
     """torch.compile backend ('inductor' for speed; 'aot_eager' to check the wiring cheaply)."""
     unlabeled_ratio: int = 1
-    """(ssl) Unlabelled micro-batch = this × the labelled one."""
+    """(kinds that read labels and a pool) Unlabelled micro-batch = this × the labelled one."""
     num_workers: int = 4
     """Loader worker processes per rank (data-wait depends on it)."""
     synthetic_images: int = 32
@@ -77,6 +77,10 @@ class BenchConfig:
     """'cpu' to ignore CUDA even when present (None: CUDA when available)."""
 
     def __post_init__(self) -> None:
+        from distseg.stages.registry import kind_names
+
+        if self.stage not in kind_names():
+            raise ValueError(f"stage must be a registered stage kind {kind_names()}, got {self.stage!r}")
         self.micro_batches = tuple(self.micro_batches)
         if not self.micro_batches or min(self.micro_batches) < 1:
             raise ValueError(f"micro_batches must be positive integers, got {list(self.micro_batches)}")

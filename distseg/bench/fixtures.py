@@ -70,7 +70,7 @@ def parent_folder(folder: Path, model_cfg, class_map) -> Path:
 
     from distseg.config import to_dict
     from distseg.engine import checkpoint as ckpt
-    from distseg.losses import save_fisher
+    from distseg.fisher import save_fisher
     from distseg.models import build_model
     from distseg.models.weights import save_weights
 
@@ -126,14 +126,15 @@ def stage_config(cfg: BenchConfig, *, shards: str, parent: str, ds_config: str, 
     """
     from distseg.data.augment import AugmentConfig
     from distseg.data.stream import StreamConfig
-    from distseg.stages.config import DataConfig, SSLOptions, StageConfig, TrainConfig
+    from distseg.stages.config import DataConfig, StageConfig, TrainConfig
+    from distseg.stages.registry import get_kind
 
     stream = StreamConfig(num_workers=cfg.num_workers, augment=AugmentConfig(crop_size=cfg.size))
     stage = StageConfig(
-        kind=cfg.stage, out=run_dir, parent=parent, ds_config=ds_config, micro_batch=micro_batch, grad_accum=1,
-        global_batch=micro_batch * world_size, data=DataConfig(shards=shards, stream=stream), model=cfg.model,
-        train=TrainConfig(steps=cfg.warmup + cfg.steps, log_every=cfg.warmup + cfg.steps, fisher_batches=0),
-        ssl=SSLOptions(unlabeled_ratio=cfg.unlabeled_ratio))
+        kind=cfg.stage, out=run_dir, parent=parent if get_kind(cfg.stage).parent != "none" else None,
+        ds_config=ds_config, micro_batch=micro_batch, grad_accum=1, global_batch=micro_batch * world_size,
+        data=DataConfig(shards=shards, stream=stream, unlabeled_ratio=cfg.unlabeled_ratio), model=cfg.model,
+        train=TrainConfig(steps=cfg.warmup + cfg.steps, log_every=cfg.warmup + cfg.steps, fisher_batches=0))
     if not cfg.stage_set:
         return stage
     from distseg.config import apply_overrides, from_dict, to_dict

@@ -1,16 +1,16 @@
 """``bench train``: time the real training step of a stage under the same DeepSpeed launch as training.
 
-One process per rank runs :func:`run_train`. For each micro-batch of the sweep it builds the stage program exactly
-as a training run does (``HeadStage`` / ``DistillStage`` / ``SSLStage`` with their DeepSpeed engine and loaders),
-then drives the loop's step contract: ``forward()``, ``engine.backward``, ``engine.step``, ``after_step``.
-The first warm-up step is run under the FLOP counter; the timed steps are bracketed by step marks only.
+One process per rank runs :func:`run_train`. For each micro-batch of the sweep it builds the stage's
+:class:`~distseg.stages.trainer.Trainer` exactly as a training run does (the kind's task, its DeepSpeed engine and
+the streams the kind declares), wraps those streams to time the waits, and calls the loop's own
+:func:`~distseg.engine.loop.train_step`. The first warm-up step is run under the FLOP counter; the timed steps are
+bracketed by step marks only.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import gc
-import importlib
 import secrets
 import shutil
 import tempfile
@@ -25,10 +25,6 @@ from distseg.bench.records import FIGURES, append_record, base_record
 from distseg.bench.timing import (StepClock, TimedStream, count_step_flops, grad_checkpointing_off, peak_memory_gb,
                                   percentile, reset_peak_memory)
 from distseg.engine.loop import train_step
-
-STAGE_CLASSES = {"head": ("distseg.stages.head", "HeadStage"), "distill": ("distseg.stages.distill", "DistillStage"),
-                 "ssl": ("distseg.stages.ssl", "SSLStage")}
-
 
 @dataclasses.dataclass
 class Workspace:
@@ -47,7 +43,8 @@ def workspace(cfg: BenchConfig, env) -> Iterator[Workspace]:
     The folder name comes from global rank 0 so every node uses the same path on its own disk.
     """
     from distseg.engine.distributed import barrier, broadcast_object
-    from distseg.stages.common import data_class_map
+    from distseg.stages.registry import get_kind
+    from distseg.stages.trainer import data_class_map
 
     token = broadcast_object(secrets.token_hex(6) if env.is_main else None)
     folder = Path(tempfile.gettempdir()) / f"distseg-bench-{token}"
@@ -57,7 +54,7 @@ def workspace(cfg: BenchConfig, env) -> Iterator[Workspace]:
         if env.local_rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
             if not cfg.data:
-                ratio = cfg.unlabeled_ratio if cfg.stage == "ssl" else 1
+                ratio = cfg.unlabeled_ratio if get_kind(cfg.stage).unlabelled else 1
                 sizes = fixtures.synthetic_sizes(cfg.synthetic_images, max(cfg.micro_batches), env.world_size, ratio)
                 fixtures.synthetic_shards(folder, cfg.synthetic_images, *sizes, cfg.size)
             fixtures.parent_folder(Path(ws.parent), cfg.model, data_class_map(shards))
@@ -70,42 +67,37 @@ def workspace(cfg: BenchConfig, env) -> Iterator[Workspace]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def program_class(stage: str) -> type:
-    """The stage's own program class (nothing in it is replaced for benchmarking)."""
-    module, name = STAGE_CLASSES[stage]
-    return getattr(importlib.import_module(module), name)
-
-
 def _to_channels_last(module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 
 
-def use_channels_last_inputs(program) -> None:
+def use_channels_last_inputs(trainer) -> None:
     """Feed the student and teacher channels-last images (converted on the device, at the model's entry).
 
     The weights keep the default layout: DeepSpeed broadcasts parameters as byte views and ZeRO packs them into flat
     buffers, both of which need contiguous parameters. cuDNN picks channels-last kernels from the input's layout.
     """
-    for model in (program.engine.module, getattr(program, "teacher", None)):
+    for model in (trainer.engine.module, getattr(trainer.task, "teacher", None)):
         if model is not None:
             model.register_forward_pre_hook(_to_channels_last)
 
 
-def time_steps(program, cfg: BenchConfig, env, progress=None) -> dict[str, Any]:
+def time_steps(trainer, cfg: BenchConfig, env, progress=None) -> dict[str, Any]:
     """Warm up (first step under the FLOP counter), then time ``cfg.steps`` steps; this rank's raw figures."""
-    streams = [TimedStream(s) for s in program.streams]
-    program.train_stream = streams[0]
-    if len(streams) > 1:
-        program.unl_stream = streams[1]
-    program.streams = streams
+    trainer.streams = {name: TimedStream(s) for name, s in trainer.streams.items()}
+    streams = list(trainer.streams.values())
+
+    def step():
+        return train_step(trainer.task, trainer.engine, trainer.streams, env.device)
+
     reset_peak_memory(env.device)
-    with grad_checkpointing_off(program.engine.module):
-        flops = count_step_flops(lambda: train_step(program))
+    with grad_checkpointing_off(trainer.engine.module):
+        flops = count_step_flops(step)
     if cfg.compile:
-        program.engine.compile(backend=cfg.compile_backend)
+        trainer.engine.compile(backend=cfg.compile_backend)
     task = progress.add_task("warm-up", total=cfg.warmup + cfg.steps, completed=1) if progress else None
     for _ in range(cfg.warmup - 1):
-        train_step(program)
+        step()
         if progress:
             progress.advance(task)
     clock = StepClock(env.device)
@@ -113,7 +105,7 @@ def time_steps(program, cfg: BenchConfig, env, progress=None) -> dict[str, Any]:
     for s in streams:
         s.waited = 0.0
     for _ in range(cfg.steps):
-        train_step(program)
+        step()
         clock.mark()
         if progress:
             progress.update(task, advance=1, description="timed")
@@ -157,23 +149,26 @@ def record_config(cfg: BenchConfig, micro_batch: int, ds_cfg: dict) -> dict[str,
 
 
 def measure(cfg: BenchConfig, ws: Workspace, env, micro_batch: int, progress=None) -> dict[str, Any] | None:
-    """Build the program at ``micro_batch``, time it, and return the job record on rank 0 (None elsewhere)."""
+    """Build the stage at ``micro_batch``, time it, and return the job record on rank 0 (None elsewhere)."""
     from distseg.engine.dsconfig import load_ds_config, precision
+    from distseg.stages.registry import get_kind
+    from distseg.stages.trainer import Trainer
 
     stage_cfg = fixtures.stage_config(cfg, shards=ws.shards, parent=ws.parent, ds_config=ws.ds_config,
                                       run_dir=str(ws.folder / "run"), micro_batch=micro_batch,
                                       world_size=env.world_size)
-    program = program_class(cfg.stage)(stage_cfg, env)
+    trainer = Trainer(get_kind(cfg.stage), stage_cfg, env)
     if cfg.channels_last:
-        use_channels_last_inputs(program)
-    raw = time_steps(program, cfg, env, progress)
-    mode, ds_resolved = precision(program.ds_cfg), program.ds_cfg
-    del program
+        use_channels_last_inputs(trainer)
+    raw = time_steps(trainer, cfg, env, progress)
+    mode, ds_resolved = precision(trainer.ds_cfg), trainer.ds_cfg
+    reads_pool = "unlabelled" in trainer.streams and "labelled" in trainer.streams
+    del trainer
     ranks = _gather(raw)
     if not env.is_main:
         return None
     record = base_record("train", record_config(cfg, micro_batch, load_ds_config(ws.ds_config)), env.device)
-    unl = micro_batch * cfg.unlabeled_ratio * env.world_size if cfg.stage == "ssl" else 0
+    unl = micro_batch * cfg.unlabeled_ratio * env.world_size if reads_pool else 0
     figures = summarize(ranks, global_batch=micro_batch * env.world_size, unlabeled_batch=unl,
                         device_name=record["device"]["name"], precision=mode, device_type=env.device.type,
                         peak_override=cfg.peak_tflops)

@@ -19,7 +19,7 @@ def fisher(
     from distseg.data.errors import DataError
     from distseg.data.stream import StreamConfig
     from distseg.engine.checkpoint import CheckpointError, read_stage
-    from distseg.stages.fisher import fisher_for_stage
+    from distseg.fisher import fisher_for_stage
 
     try:
         config = read_stage(stage)["config"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,19 +155,16 @@ class ClassMap:
     @classmethod
     def from_file(cls, path: str | Path) -> ClassMap:
         """Read a YAML or JSON class map file."""
+        from distseg.config import ConfigError, read_mapping
+
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path}: class map file not found")
         try:
-            text = path.read_text()
-            if path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text)
-        except Exception as exc:  # JSON/YAML syntax errors of any kind are one user-facing problem
-            raise DataError(f"{path}: malformed class map: {str(exc).splitlines()[0]}") from None
+            data = read_mapping(path)
+        except ConfigError as exc:  # JSON/YAML syntax errors of any kind are one user-facing problem
+            detail = str(exc).removeprefix(f"{path}: ").splitlines()[0]
+            raise DataError(f"{path}: malformed class map: {detail}") from None
         return cls.from_dict(data, where=str(path))
 
     @classmethod

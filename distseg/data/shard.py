@@ -21,11 +21,12 @@ from distseg.data.classes import ClassMap, Unknown
 from distseg.data.errors import DataError
 from distseg.data.imageio import encode_png, image_size, list_images, load_image, load_mask
 from distseg.data.manifest import FORMAT, read_manifest, write_manifest
+from distseg.data.options import ShardOptions
 from distseg.data.splitting import assign_splits, group_of, labeled_subset, parse_assign, parse_ratio, stable_hash
 from distseg.data.tiling import crop_padded, is_whole, tile_grid
 from distseg.data.writer import ShardLimit, SplitWriter, parse_shard_size
 
-__all__ = ["shard_dataset", "read_manifest", "DataError"]
+__all__ = ["shard_dataset", "read_manifest", "DataError", "ShardOptions"]
 
 
 @dataclasses.dataclass
@@ -127,23 +128,6 @@ def _samples(src: Source, splits: dict[str, str], class_map: ClassMap | None,
         yield split, sample, tile_mask
 
 
-def _check_options(tile: int | None, overlap: int, labeled_fraction: float, unknown: str,
-                   group_by: str | None) -> re.Pattern[str] | None:
-    """Reject inconsistent options before touching any file."""
-    if tile is not None and tile <= 0:
-        raise DataError(f"--tile {tile}: must be a positive pixel count")
-    if overlap < 0 or (tile is not None and overlap >= tile):
-        raise DataError(f"--overlap {overlap}: must be >= 0 and smaller than --tile")
-    if not 0 < labeled_fraction <= 1:
-        raise DataError(f"--labeled-fraction {labeled_fraction}: must be in (0, 1]")
-    if unknown not in ("error", "ignore"):
-        raise DataError(f"--unknown {unknown!r}: must be 'error' or 'ignore'")
-    try:
-        return re.compile(group_by) if group_by else None
-    except re.error as exc:
-        raise DataError(f"--group-by {group_by!r}: invalid regex ({exc})") from None
-
-
 def _prepare_out(out: Path, force: bool) -> Path:
     """Refuse a non-empty OUT without --force; return the temporary sibling folder to write into."""
     if out.exists() and not out.is_dir():
@@ -168,39 +152,31 @@ def _progress(enabled: bool, total: int) -> Any:
     return Progress(TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
 
 
-def shard_dataset(out: str | Path, images: str | Path | None = None, masks: str | Path | None = None,
-                  unlabeled: str | Path | None = None, classes: str | Path | None = None, tile: int | None = None,
-                  overlap: int = 0, split: str = "8:1:1", labeled_fraction: float = 1.0,
-                  group_by: str | None = None, assign: str | None = None, seed: int = 0,
-                  shard_size: str | int = 1000,
-                  unknown: Unknown = "error", force: bool = False, command: list[str] | None = None,
-                  progress: bool = False) -> dict[str, Any]:
+def shard_dataset(out: str | Path, *, force: bool = False, command: list[str] | None = None, progress: bool = False,
+                  **options: Any) -> dict[str, Any]:
     """Write ``OUT/<split>-NNNNNN.tar`` shards and ``OUT/manifest.json``; returns the manifest.
 
-    ``images`` + ``masks`` are labelled data split ``split`` (train:val:test) by source image or by
-    ``group_by``; only ``labeled_fraction`` of the train tiles keep labels, the rest (and ``images``
-    without ``masks``, and ``unlabeled``) form the 'unlabeled' split. Raises DataError on bad input.
+    ``options`` are the fields of :class:`~distseg.data.options.ShardOptions`: ``images`` + ``masks`` are labelled
+    data split ``split`` (train:val:test) by source image or by ``group_by`` group, with ``assign`` pinning groups
+    to splits; only ``labeled_fraction`` of the train tiles keep labels, the rest (and ``images`` without
+    ``masks``, and ``unlabeled``) form the 'unlabeled' split. Raises DataError on bad input.
     """
     out = Path(out)
-    pattern = _check_options(tile, overlap, labeled_fraction, unknown, group_by)
-    ratios, limit, pinned = parse_ratio(split), parse_shard_size(shard_size), parse_assign(assign)
-    if images is None and unlabeled is None:
+    try:
+        opts = ShardOptions(**options)
+    except TypeError as exc:
+        raise DataError(f"shard options: {exc}") from None
+    ratios, limit, pinned = parse_ratio(opts.split), parse_shard_size(opts.shard_size), parse_assign(opts.assign)
+    if opts.images is None and opts.unlabeled is None:
         raise DataError("nothing to shard: give --images (with --masks for labelled data) and/or --unlabeled")
-    if masks is not None and images is None:
-        raise DataError(f"{masks}: --masks needs --images")
-    if masks is not None and classes is None:
-        raise DataError(f"{masks}: labelled data needs a class map (--classes FILE)")
-    class_map = ClassMap.from_file(classes) if classes is not None else None
-    sources = _collect(Path(images) if images else None, Path(masks) if masks else None,
-                       Path(unlabeled) if unlabeled else None, pattern)
-    _plan(sources, tile, overlap, ratios, seed, pinned)
-    splits = _tile_splits(sources, labeled_fraction, seed)
+    class_map = ClassMap.from_file(opts.classes) if opts.classes is not None else None
+    sources = _collect(*(Path(v) if v else None for v in (opts.images, opts.masks, opts.unlabeled)), opts.pattern())
+    _plan(sources, opts.tile, opts.overlap, ratios, opts.seed, pinned)
+    splits = _tile_splits(sources, opts.labeled_fraction, opts.seed)
     tmp = _prepare_out(out, force)
     try:
-        stats = _write_all(tmp, sources, splits, class_map, unknown, limit, seed, progress)
-        manifest = _manifest(stats, class_map, command, dict(
-            tile=tile, overlap=overlap, split=split, labeled_fraction=labeled_fraction, group_by=group_by,
-            assign=assign, seed=seed, shard_size=str(shard_size), unknown=unknown))
+        stats = _write_all(tmp, sources, splits, class_map, opts.unknown, limit, opts.seed, progress)
+        manifest = _manifest(stats, class_map, command or opts.command(out), opts.layout())
         write_manifest(tmp, manifest)
         if out.exists():
             shutil.rmtree(out)

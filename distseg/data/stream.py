@@ -13,7 +13,7 @@ import multiprocessing
 import warnings
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from distseg.data import tario
 from distseg.data.augment import (AugmentConfig, apply_cutmix, brightness_factors, cutmix_boxes, strong_photometric,
                                   to_float, weak_geometric)
+from distseg.data.batch import Batch
 from distseg.data.errors import DataError
 from distseg.data.imageio import open_image, open_mask
 from distseg.data.manifest import read_manifest, split_shards
@@ -144,16 +145,20 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class ShardStream(IterableDataset):
     """The per-worker sample pipeline behind :func:`build_loader` (yields ready batches)."""
 
-    def __init__(self, shard_dir: Path, split: str, cfg: StreamConfig, rank: int, world_size: int,
+    def __init__(self, shard_dirs: list[Path], split: str, cfg: StreamConfig, rank: int, world_size: int,
                  train: bool, views: tuple[str, ...]) -> None:
-        manifest = read_manifest(shard_dir)
-        shards = split_shards(manifest, split, shard_dir)
-        self.paths = [Path(shard_dir) / s["name"] for s in shards]
-        self.samples = select_samples([s["keys"] for s in shards], cfg.sample_fraction, cfg.seed)
+        self.paths, keys, self.ignore_index = [], [], 255
+        for shard_dir in shard_dirs:  # several folders form one pool (e.g. a target's unlabelled split + UC Merced)
+            manifest = read_manifest(shard_dir)
+            shards = split_shards(manifest, split, shard_dir)
+            self.paths += [Path(shard_dir) / s["name"] for s in shards]
+            keys += [s["keys"] for s in shards]
+            cmap = manifest.get("class_map")
+            self.ignore_index = cmap["ignore_index"] if cmap else self.ignore_index
+        self.samples = select_samples(keys, cfg.sample_fraction, cfg.seed)
+        where = ", ".join(map(str, shard_dirs))
         if not any(self.samples):
-            raise DataError(f"{shard_dir}: split {split!r} has no samples at sample_fraction={cfg.sample_fraction}")
-        cmap = manifest.get("class_map")
-        self.ignore_index = cmap["ignore_index"] if cmap else 255
+            raise DataError(f"{where}: split {split!r} has no samples at sample_fraction={cfg.sample_fraction}")
         self.cfg, self.rank, self.world_size, self.train, self.views = cfg, rank, world_size, train, views
         # Shared with the (persistent) workers: set_epoch in the main process reaches them.
         self.epoch = multiprocessing.Value("q", 0)
@@ -214,7 +219,7 @@ class ShardStream(IterableDataset):
             yield (ref.key, *decode(fields, ref.key))
             produced += 1
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         plans = self.plans()
@@ -235,8 +240,7 @@ class ShardStream(IterableDataset):
         if batch:
             yield self._collate(batch, gen)
 
-    def _collate(self, items: list[tuple[str, np.ndarray, np.ndarray | None]],
-                 gen: torch.Generator) -> dict[str, Any]:
+    def _collate(self, items: list[tuple[str, np.ndarray, np.ndarray | None]], gen: torch.Generator) -> Batch:
         """Stack (padding eval tiles to the batch maximum) and add the augmented views."""
         h = max(im.shape[0] for _, im, _ in items)
         w = max(im.shape[1] for _, im, _ in items)
@@ -248,24 +252,23 @@ class ShardStream(IterableDataset):
             if masks is not None:
                 masks[i, : m.shape[0], : m.shape[1]] = m
         factors = brightness_factors(len(items), self.cfg.augment.brightness, gen) if self.train else None
-        out: dict[str, Any] = {"key": [k for k, _, _ in items],
-                               "image": to_float(torch.from_numpy(images), factors,
-                                                 out=_alloc((len(items), 3, h, w), torch.float32))}
+        image = to_float(torch.from_numpy(images), factors, out=_alloc((len(items), 3, h, w), torch.float32))
+        batch = Batch(key=[k for k, _, _ in items], image=image)
         if masks is not None:
-            out["mask"] = _alloc(masks.shape, torch.int64).copy_(torch.from_numpy(masks))
+            batch.mask = _alloc(masks.shape, torch.int64).copy_(torch.from_numpy(masks))
         if self.train and "strong" in self.views:
-            self._add_strong(out, gen)
-        return out
+            self._add_strong(batch, gen)
+        return batch
 
-    def _add_strong(self, out: dict[str, Any], gen: torch.Generator) -> None:
+    def _add_strong(self, batch: Batch, gen: torch.Generator) -> None:
         """The strong photometric view of the same crops, plus the CutMix plan when enabled."""
-        strong = strong_photometric(out["image"], gen, self.cfg.augment)
+        strong = strong_photometric(batch.image, gen, self.cfg.augment)
         if self.cfg.augment.cutmix_prob > 0:
             b, _, h, w = strong.shape
             box, index = cutmix_boxes(b, h, w, self.cfg.augment.cutmix_prob, gen)
             strong = apply_cutmix(strong, box, index)
-            out["cutmix_box"], out["cutmix_index"] = box, index
-        out["image_strong"] = strong
+            batch.cutmix_box, batch.cutmix_index = box, index
+        batch.image_strong = strong
 
 
 class ShardLoader:
@@ -284,7 +287,7 @@ class ShardLoader:
     def __len__(self) -> int:
         return sum(p.batches for p in self.stream.plans())
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         self.stream.corrupt.value = 0
         self.stream.seen.value = 0
         return iter(self._loader)
@@ -295,14 +298,15 @@ class ShardLoader:
         return {"corrupt": int(self.stream.corrupt.value), "seen": int(self.stream.seen.value)}
 
 
-def build_loader(shard_dir: str | Path, split: str, cfg: StreamConfig | None = None, *, rank: int = 0,
-                 world_size: int = 1, train: bool = True, views: tuple[str, ...] = ("weak",)) -> ShardLoader:
-    """A loader over ``split`` of a shard folder for this ``rank`` of ``world_size``.
+def build_loader(shard_dir: str | Path | Sequence[str | Path], split: str, cfg: StreamConfig | None = None, *,
+                 rank: int = 0, world_size: int = 1, train: bool = True,
+                 views: tuple[str, ...] = ("weak",)) -> ShardLoader:
+    """A loader over ``split`` of a shard folder (or of several, read as one pool) for this ``rank``.
 
     Train: weak augmentation (and the strong view of the same crop if ``"strong" in views``),
     equal batch counts on every rank. Eval (``train=False``): no augmentation, no padding samples,
     every sample seen once across ranks; tiles of different sizes are padded to the batch maximum
-    (0 in the image, ignore_index in the mask).
+    (0 in the image, ignore_index in the mask). Batches are :class:`~distseg.data.batch.Batch` objects.
     """
     cfg = cfg or StreamConfig()
     if not 0 <= rank < world_size:
@@ -312,4 +316,7 @@ def build_loader(shard_dir: str | Path, split: str, cfg: StreamConfig | None = N
         raise ValueError(f"views must contain 'weak' and optionally 'strong', got {views}")
     if "strong" in views and not train:
         raise ValueError("the strong view is a training augmentation; use train=True")
-    return ShardLoader(ShardStream(Path(shard_dir), split, cfg, rank, world_size, train, tuple(views)))
+    dirs = [Path(shard_dir)] if isinstance(shard_dir, (str, Path)) else [Path(d) for d in shard_dir]
+    if not dirs:
+        raise ValueError("build_loader needs at least one shard folder")
+    return ShardLoader(ShardStream(dirs, split, cfg, rank, world_size, train, tuple(views)))

@@ -22,13 +22,15 @@ _KNOWN_SECTIONS = {
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     """Read a ds_config JSON file; errors name the file.
 
-    A relative path that does not exist from the working directory is also looked up beside the distseg source
-    tree, so the shipped ``ds_configs/*.json`` work from any directory.
+    A relative path that does not exist from the working directory is looked up among the configs shipped inside
+    the package, so ``ds_configs/zero1_bf16.json`` (or just ``zero1_bf16.json``) works from any directory and after
+    a non-editable install.
     """
+    from distseg.resources import shipped
+
     path = Path(path)
-    shipped = Path(__file__).resolve().parents[2] / path
-    if not path.is_file() and not path.is_absolute() and shipped.is_file():
-        path = shipped
+    if not path.is_file() and not path.is_absolute():
+        path = shipped("ds_configs", path) or path
     if not path.is_file():
         raise ConfigError(f"{path}: DeepSpeed config not found")
     cfg = read_mapping(path)

@@ -1,7 +1,7 @@
 """The one training loop every stage shares.
 
-A stage supplies a ``StageProgram``: it owns its models and data and returns a loss dict from ``forward``.
-The loop owns everything else: micro-steps and gradient accumulation through the DeepSpeed engine, logging without
+A stage's task returns a loss dict from ``step(batches)``; the loop owns everything else: drawing the batches of the
+streams the stage declared, micro-steps and gradient accumulation through the DeepSpeed engine, logging without
 host syncs in the step, evaluation and best-model tracking, checkpoints that are safe to resume from after a
 ``kill -9``, and finishing the stage folder.
 """
@@ -16,18 +16,16 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from distseg.data.batch import Batches
 from distseg.engine import checkpoint as ckpt
 from distseg.engine.distributed import DistEnv, barrier, broadcast_object, rank_divergence
 
 
-class StageProgram(Protocol):
-    """What a stage plugs into :func:`train`."""
+class StageTask(Protocol):
+    """What the loop calls on a stage's task (``distseg.stages.task.Task`` implements it)."""
 
-    engine: Any
-    streams: list["EpochStream"]
-
-    def forward(self) -> dict[str, torch.Tensor]:
-        """Draw the next batch(es), run the student and return losses (``'loss'`` is the one optimised)."""
+    def step(self, batches: Batches) -> dict[str, torch.Tensor]:
+        """Losses of one micro-step on the given batches (``'loss'`` is the one optimised)."""
 
     def after_step(self, applied: bool) -> None:
         """Called once per optimizer step, with whether the optimizer really stepped (fp16 overflow skips)."""
@@ -35,8 +33,8 @@ class StageProgram(Protocol):
     def sync(self) -> None:
         """Collective: make BN buffers (of every model the stage saves) identical across ranks."""
 
-    def evaluate(self) -> dict[str, Any]:
-        """Validate; return metrics with a ``'score'`` key (higher is better) used to keep the best model."""
+    def evaluate(self, loader) -> dict[str, Any] | None:
+        """Validate; metrics with a ``'score'`` key (higher is better) keep the best model; None: no validation."""
 
     def export(self, folder: Path) -> None:
         """Write the weights a later stage or ``predict`` uses (rank 0 only; no collectives here)."""
@@ -51,7 +49,7 @@ class StageProgram(Protocol):
         """The modules every rank holds a copy of, by name (checked for divergence at the end)."""
 
     def finish(self, folder: Path) -> None:
-        """Work done once at the very end (e.g. the Fisher information), after the best weights are in place."""
+        """Work done once at the very end, after the best weights are in place."""
 
 
 class EpochStream:
@@ -110,21 +108,27 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def train_step(program: StageProgram, accum: int = 1) -> dict[str, torch.Tensor]:
-    """One optimizer step: ``accum`` micro-steps through the engine, then the stage's after-step hook.
+def next_batches(streams: dict[str, Iterator], device: torch.device) -> Batches:
+    """One batch from every stream, moved to ``device`` (the streams are named like the fields of ``Batches``)."""
+    return Batches(**{name: next(stream).to(device) for name, stream in streams.items()})
+
+
+def train_step(task: StageTask, engine, streams: dict[str, Iterator], device: torch.device,
+               accum: int = 1) -> dict[str, torch.Tensor]:
+    """One optimizer step: ``accum`` micro-steps through the engine, then the task's after-step hook.
 
     Returns every loss term summed over the micro-steps, detached and still on the device (no host sync). This is
     the whole training step; the loop and ``distseg bench`` both call it.
     """
     sums: dict[str, torch.Tensor] = {}
     for _ in range(accum):
-        losses = program.forward()
-        program.engine.backward(losses["loss"])
-        program.engine.step()
+        losses = task.step(next_batches(streams, device))
+        engine.backward(losses["loss"])
+        engine.step()
         for key, value in losses.items():
             value = value.detach().float()
             sums[key] = sums[key] + value if key in sums else value
-    program.after_step(bool(program.engine.was_step_applied()))
+    task.after_step(bool(engine.was_step_applied()))
     return sums
 
 
@@ -157,12 +161,13 @@ class RunLog:
             self.progress.stop()
 
 
-class Trainer:
-    """Runs a :class:`StageProgram` for ``train.steps`` optimizer steps (see module docstring)."""
+class Loop:
+    """Runs a stage's task for ``train.steps`` optimizer steps (see module docstring)."""
 
-    def __init__(self, program: StageProgram, folder: Path, train_cfg, ds_cfg: dict, env: DistEnv,
-                 record: dict[str, Any]) -> None:
-        self.p, self.folder, self.cfg, self.env, self.record = program, folder, train_cfg, env, record
+    def __init__(self, task: StageTask, engine, streams: dict[str, "EpochStream"], val_loader, folder: Path,
+                 train_cfg, ds_cfg: dict, env: DistEnv, record: dict[str, Any]) -> None:
+        self.task, self.engine, self.streams, self.val_loader = task, engine, streams, val_loader
+        self.folder, self.cfg, self.env, self.record = folder, train_cfg, env, record
         self.accum = int(ds_cfg["gradient_accumulation_steps"])
         self.images_per_step = int(ds_cfg["train_batch_size"])
         self.step = 0
@@ -173,13 +178,14 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """All ranks write their DeepSpeed shards; rank 0 marks the tag COMPLETE only after everyone finished."""
         tag = f"step{self.step:08d}"
-        self.p.sync()
-        client = {"step": self.step, "best": self.best, "streams": [s.state() for s in self.p.streams]}
-        self.p.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
+        self.task.sync()
+        client = {"step": self.step, "best": self.best,
+                  "streams": {name: s.state() for name, s in self.streams.items()}}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
         tag_dir = self.ckpt_dir / tag
         torch.save(_rng_state(), tag_dir / f"rng_rank{self.env.rank}.pt")
         if self.env.is_main:
-            self.p.save_extra(tag_dir)
+            self.task.save_extra(tag_dir)
         barrier()
         if self.env.is_main:
             (tag_dir / ckpt.COMPLETE).write_text(str(self.step))
@@ -191,39 +197,43 @@ class Trainer:
         tag = broadcast_object(ckpt.latest_complete_tag(self.ckpt_dir) if self.env.is_main else None)
         if tag is None:
             return False
-        path, client = self.p.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if path is None:
             raise ckpt.CheckpointError(f"{self.ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
         self.step, self.best = int(client["step"]), client["best"]
-        for stream, state in zip(self.p.streams, client["streams"]):
-            stream.load_state(state)
+        for name, stream in self.streams.items():
+            stream.load_state(client["streams"][name])
         rng_file = self.ckpt_dir / tag / f"rng_rank{self.env.rank}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
-        self.p.load_extra(self.ckpt_dir / tag)
+        self.task.load_extra(self.ckpt_dir / tag)
         return True
 
     # -- evaluation --------------------------------------------------------------------------------------------
-    def evaluate(self, log: RunLog) -> dict[str, Any]:
-        self.p.sync()
-        metrics = self.p.evaluate()
+    def evaluate(self, log: RunLog) -> dict[str, Any] | None:
+        """Validate (if the task does) and export a new best model; every rank takes part."""
+        self.task.sync()
+        metrics = self.task.evaluate(self.val_loader)
+        if metrics is None:
+            return None
         log.write({"step": self.step, "eval": metrics})
         if metrics["score"] > self.best["score"]:
             self.best = {"score": metrics["score"], "step": self.step, "metrics": metrics}
             if self.env.is_main:
-                self.p.export(self.folder / "best")
+                self.task.export(self.folder / "best")
         barrier()
         return metrics
 
     # -- the loop ----------------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self) -> dict[str, Any] | None:
         log = RunLog(self.folder, self.env, self.cfg.steps, self.step)
         sums: dict[str, torch.Tensor] = {}
         count = 0
         t_last, step_last = time.perf_counter(), self.step
         try:
             while self.step < self.cfg.steps:
-                for key, value in train_step(self.p, self.accum).items():
+                for key, value in train_step(self.task, self.engine, self.streams, self.env.device,
+                                             self.accum).items():
                     sums[key] = sums[key] + value if key in sums else value
                 count += self.accum
                 self.step += 1
@@ -257,24 +267,28 @@ class Trainer:
             n = sums[key].numel()
             values[key] = flat[offset] if n == 1 and sums[key].dim() == 0 else flat[offset:offset + n]
             offset += n
-        lr = self.p.engine.get_lr()[0]
+        lr = self.engine.get_lr()[0]
         log.write({"step": self.step, "lr": lr, "images_per_s": rate, **values})
         log.advance(self.step, " ".join(f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, float))
                     + f" lr={lr:.2e} {rate:.1f} img/s")
 
 
-def finalize(folder: Path, program: StageProgram, trainer: Trainer, env: DistEnv, record: dict[str, Any]) -> None:
-    """Put the best weights at the folder root, run the stage's final work and mark the stage finished."""
+def finalize(loop: Loop, fisher) -> None:
+    """Put the best weights (the last ones when the task does not validate) at the folder root, compute the Fisher
+    (``fisher(folder)``, rank 0, or None), run the task's final work and mark the stage finished."""
+    folder, task, env, record = loop.folder, loop.task, loop.env, loop.record
     if env.is_main:
-        program.export(folder / "last")
-        best = folder / "best"
-        for f in best.glob("*.safetensors"):
+        task.export(folder / "last")
+        chosen = folder / "best" if loop.best["step"] is not None else folder / "last"
+        for f in chosen.glob("*.safetensors"):
             shutil.copy2(f, folder / f.name)
+        if fisher is not None:
+            fisher(folder)
     barrier()
-    program.finish(folder)
-    divergence = {name: rank_divergence(module) for name, module in program.replicas().items()}
+    task.finish(folder)
+    divergence = {name: rank_divergence(module) for name, module in task.replicas().items()}
     if env.is_main:
-        record.update(finished=True, steps=trainer.step, best_step=trainer.best["step"],
-                      metrics=trainer.best["metrics"] or {}, rank_divergence=divergence)
+        record.update(finished=True, steps=loop.step, best_step=loop.best["step"],
+                      metrics=loop.best["metrics"] or {}, rank_divergence=divergence)
         ckpt.write_json_atomic(folder / ckpt.STAGE_JSON, record)
     barrier()

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from distseg.pipeline.recipe import RecipeError
+from distseg.resources import folder
 
-DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
+DEMO_RECIPE = folder("recipes") / "demo.yaml"
 INIT_WEIGHTS = "init.safetensors"
 """The demo's stand-in for ImageNet weights: a freshly initialised model (no network needed)."""
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from distseg.pipeline.plan import Plan
+from distseg.pipeline.recipe import EVAL
 
 
 def _tiles(shards: str, split: str, count: int, ignore_index: int):
@@ -19,9 +20,9 @@ def _tiles(shards: str, split: str, count: int, ignore_index: int):
 
     loader = build_loader(shards, split, StreamConfig(batch_size=4 * count, num_workers=0), train=False)
     batch = next(iter(loader))
-    valid = (batch["mask"] != ignore_index).flatten(1).float().mean(1)
+    valid = (batch.mask != ignore_index).flatten(1).float().mean(1)
     order = torch.sort(torch.argsort(valid, descending=True, stable=True)[:count]).values
-    return batch["image"][order], batch["mask"][order]
+    return batch.image[order], batch.mask[order]
 
 
 def _colorize(mask: np.ndarray, colors: list[tuple[int, int, int]], ignore_index: int) -> np.ndarray:
@@ -45,7 +46,7 @@ def write_figure(plan: Plan, path: Path, tiles: int) -> Path | None:
 
     from distseg.engine import checkpoint as ckpt
 
-    evals = [s for s in plan.stages if s.kind == "eval" and (s.folder / "eval.json").is_file()]
+    evals = [s for s in plan.stages if s.kind == EVAL and (s.folder / "eval.json").is_file()]
     if not evals or tiles == 0:
         return None
     first = evals[0]

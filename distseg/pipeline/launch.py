@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distseg.config import save_config, to_dict
+from distseg.config import save_config
 from distseg.engine import checkpoint as ckpt
 from distseg.pipeline.plan import PlannedStage
+from distseg.pipeline.recipe import EVAL
+from distseg.stages.folder import same_run
 
 LOG_NAME = "run.log"
-_IGNORED_IN_COMPARISON = ("model", "ds_config_resolved")
 
 
 @dataclass
@@ -29,23 +30,6 @@ class Decision:
     @property
     def flags(self) -> list[str]:
         return {"resume": ["--resume"], "restart": ["--force"]}.get(self.action, [])
-
-
-def _same_training_config(stage: PlannedStage, saved: dict[str, Any]) -> bool:
-    """Whether a stage folder was made with this stage's resolved config.
-
-    The saved model section is the architecture actually built (inherited from a parent stage), so it is compared
-    only for stages that take their architecture from the recipe (no parent stage folder).
-    """
-    want = to_dict(stage.config)
-    have = saved.get("config") or {}
-    if any(want.get(k) != have.get(k) for k in want if k not in _IGNORED_IN_COMPARISON):
-        return False
-    if stage.spec.parent is None:
-        strip = ("pretrained", "num_classes")
-        return {k: v for k, v in want["model"].items() if k not in strip} == \
-            {k: v for k, v in (have.get("model") or {}).items() if k not in strip}
-    return True
 
 
 def _eval_is_current(stage: PlannedStage) -> bool:
@@ -64,7 +48,7 @@ def _eval_is_current(stage: PlannedStage) -> bool:
 def decide(stage: PlannedStage, parent_reran: bool) -> Decision:
     """Skip a finished stage with the same config; resume an interrupted one; otherwise (re)start it."""
     folder = stage.folder
-    if stage.kind == "eval":  # evaluation overwrites eval.json; it never needs --force
+    if stage.kind == EVAL:  # evaluation overwrites eval.json; it never needs --force
         if parent_reran:
             return Decision("start", f"parent {stage.spec.parent!r} (re)runs first")
         return Decision("skip", "evaluated") if _eval_is_current(stage) else Decision("start", "")
@@ -76,7 +60,7 @@ def decide(stage: PlannedStage, parent_reran: bool) -> Decision:
         saved = ckpt.read_stage(folder)
     except ckpt.CheckpointError:
         return Decision("restart", "folder holds no stage record")
-    if not _same_training_config(stage, saved):
+    if not same_run(saved, stage.identity):
         return Decision("restart", "config changed")
     if ckpt.is_finished(folder):
         return Decision("skip", "finished with the same config")

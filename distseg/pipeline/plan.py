@@ -14,11 +14,12 @@ from typing import Any
 
 from distseg.config import ConfigError, from_dict, to_dict
 from distseg.data.classes import ClassMap
-from distseg.pipeline.recipe import EvalOptions, Recipe, RecipeError, StageSpec
+from distseg.pipeline.recipe import EVAL, EvalOptions, Recipe, RecipeError, StageSpec
 from distseg.stages.config import StageConfig
+from distseg.stages.registry import get_kind, kind_names
 
-LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
-SCRIPTS = {"head": "finetune_head.py", "distill": "distill.py", "ssl": "ssl.py", "eval": "evaluate.py"}
+STAGE_MODULE = "distseg.stages"
+"""Every stage is launched as ``python -m distseg.stages KIND`` (or its deepspeed/torchrun spelling)."""
 _STRUCTURAL = ("kind", "out", "parent")
 
 
@@ -32,6 +33,8 @@ class PlannedStage:
     """The folder or weights file the stage starts from (or evaluates)."""
     config: StageConfig | None = None
     """Training stages: the resolved StageConfig written to ``configs/<name>.yaml``."""
+    identity: dict[str, Any] | None = None
+    """Training stages: ``config.identity(nproc)``, what a finished or interrupted folder must match."""
     eval_options: EvalOptions | None = None
     config_file: Path | None = None
     data_path: str = ""
@@ -77,15 +80,16 @@ def order_stages(recipe: Recipe, source: Path) -> list[StageSpec]:
     for spec in recipe.stages:
         if spec.parent and spec.parent not in names:
             raise _fail(source, spec.name, f"unknown stage {spec.parent!r} in 'parent' (stages: {sorted(names)})")
-        for key in ("data", "unlabeled"):
-            ref = getattr(spec, key)
-            if ref and ref not in recipe.datasets:
-                raise _fail(source, spec.name, f"unknown dataset {ref!r} in {key!r} "
-                                               f"(datasets: {sorted(recipe.datasets)})")
+        for key, refs in (("data", [spec.data] if spec.data else []), ("unlabeled", spec.unlabeled)):
+            for ref in refs:
+                if ref not in recipe.datasets:
+                    raise _fail(source, spec.name, f"unknown dataset {ref!r} in {key!r} "
+                                                   f"(datasets: {sorted(recipe.datasets)})")
         if not spec.data:
             raise _fail(source, spec.name, "no 'data' (a dataset name) given")
-        if spec.unlabeled and spec.kind != "ssl":
-            raise _fail(source, spec.name, "'unlabeled' only applies to ssl stages")
+        if spec.unlabeled and (spec.kind == EVAL or not get_kind(spec.kind).unlabelled):
+            readers = [k for k in kind_names() if get_kind(k).unlabelled]
+            raise _fail(source, spec.name, f"'unlabeled' only applies to kinds that read a pool ({readers})")
     ordered: list[StageSpec] = []
     state: dict[str, str] = {}
 
@@ -153,17 +157,18 @@ def missing_inputs(recipe: Recipe) -> list[str]:
 
 
 def check_class_flow(order: list[StageSpec], maps: dict[str, ClassMap | None], source: Path) -> None:
-    """Distill, ssl and eval stages must see the class set their parent predicts; only a head stage changes it."""
+    """A stage must see the class set its parent predicts, unless its kind ``changes_classes`` (a head stage)."""
     produced: dict[str, ClassMap | None] = {}
     for spec in order:
         data_map = maps.get(spec.data)
-        if spec.kind != "head" and spec.parent:
+        kind = None if spec.kind == EVAL else get_kind(spec.kind)
+        if spec.parent and not (kind and kind.changes_classes):
             before = produced.get(spec.parent)
             if before is not None and data_map is not None and before != data_map:
                 raise _fail(source, spec.name,
                             f"class-map mismatch: parent {spec.parent!r} predicts {before.names} but dataset "
                             f"{spec.data!r} has {data_map.names}; add a head stage on {spec.data!r} between them")
-        produced[spec.name] = data_map if spec.kind != "eval" else None
+        produced[spec.name] = data_map if kind and kind.labelled else None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -177,46 +182,55 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _layers(recipe: Recipe, spec: StageSpec) -> list[tuple[str, dict[str, Any]]]:
+    """The recipe layers of a training stage, in order; ``defaults`` keep only their own kind's options section."""
+    foreign = set(kind_names()) - {spec.kind}
+    defaults = {k: v for k, v in (recipe.defaults or {}).items() if k not in foreign}
+    return [("defaults", defaults), ("kind_defaults", recipe.kind_defaults.get(spec.kind) or {}),
+            ("overrides", spec.overrides or {})]
+
+
 def stage_config(recipe: Recipe, spec: StageSpec, folder: Path, parent_path: str | None, source: Path) -> StageConfig:
     """The StageConfig of a training stage: model and ds_config, then defaults, kind defaults, overrides."""
-    for layer_name, layer in (("defaults", recipe.defaults), ("kind_defaults", recipe.kind_defaults.get(spec.kind)),
-                              ("overrides", spec.overrides)):
-        layer = layer or {}
-        bad = [k for k in _STRUCTURAL if k in layer] + (["data.shards"] if "shards" in layer.get("data", {}) else [])
+    layers = _layers(recipe, spec)
+    for layer_name, layer in layers:
+        bad = [k for k in _STRUCTURAL if k in layer] + [f"data.{k}" for k in ("shards", "unlabeled")
+                                                        if k in layer.get("data", {})]
         if bad:
             raise _fail(source, spec.name, f"{layer_name} may not set {bad}: use the stage's name, parent/weights "
-                                           f"and data fields")
+                                           f"and data/unlabeled fields")
     data = {"model": to_dict(recipe.model), "ds_config": recipe.ds_config}
-    for layer in (recipe.defaults, recipe.kind_defaults.get(spec.kind) or {}, spec.overrides):
+    for _, layer in layers:
         data = _merge(data, layer)
-    data = _merge(data, {"kind": spec.kind, "out": str(folder), "parent": parent_path,
-                         "data": {"shards": recipe.datasets[spec.data].path}})
-    if spec.kind == "ssl":
-        pool = recipe.datasets[spec.unlabeled or spec.data].path
-        data = _merge(data, {"ssl": {"unlabeled_shards": pool}})
+    datasets = {"shards": recipe.datasets[spec.data].path}
+    if spec.unlabeled:
+        datasets["unlabeled"] = [recipe.datasets[name].path for name in spec.unlabeled]
+    data = _merge(data, {"kind": spec.kind, "out": str(folder), "parent": parent_path, "data": datasets})
     try:
         cfg = from_dict(StageConfig, data, where=f"{source}: stage {spec.name!r}")
     except ConfigError as exc:
         raise RecipeError(str(exc)) from None
-    if spec.kind == "head" and not parent_path and cfg.model.pretrained is None:
-        raise _fail(source, spec.name, "a head stage needs 'parent', 'weights' or model.pretrained "
-                                       "(imagenet or a PATH)")
+    try:
+        get_kind(spec.kind).task.check_config(cfg)
+    except ValueError as exc:
+        raise _fail(source, spec.name, str(exc)) from None
     return cfg
 
 
 def launch_command(recipe: Recipe, kind: str, args: list[str]) -> tuple[list[str], str]:
-    """(argv to run, the same command as printed): deepspeed, torchrun or plain python."""
-    script = str(LAUNCH_DIR / SCRIPTS[kind])
+    """(argv to run, the same command as printed): ``-m distseg.stages KIND`` under deepspeed, torchrun or python."""
     n = str(recipe.nproc)
+    module = [STAGE_MODULE, "evaluate" if kind == EVAL else kind]
     if recipe.launcher == "deepspeed":
         exe = Path(sys.executable).with_name("deepspeed")
-        prefix, shown = [str(exe) if exe.exists() else "deepspeed", "--num_gpus", n], ["deepspeed", "--num_gpus", n]
+        prefix = [str(exe) if exe.exists() else "deepspeed", "--num_gpus", n, "--module"]
+        shown = ["deepspeed", "--num_gpus", n, "--module"]
     elif recipe.launcher == "torchrun":
-        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n]
-        shown = ["torchrun", "--nproc_per_node", n]
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "-m"]
+        shown = ["torchrun", "--nproc_per_node", n, "-m"]
     else:
-        prefix, shown = [sys.executable], ["python"]
-    return prefix + [script] + args, shlex.join(shown + [f"launch/{SCRIPTS[kind]}"] + args)
+        prefix, shown = [sys.executable, "-m"], ["python", "-m"]
+    return prefix + module + args, shlex.join(shown + module + args)
 
 
 def _plan_stage(recipe: Recipe, spec: StageSpec, run_dir: Path, source: Path) -> PlannedStage:
@@ -224,7 +238,7 @@ def _plan_stage(recipe: Recipe, spec: StageSpec, run_dir: Path, source: Path) ->
     parent_path = str(run_dir / spec.parent) if spec.parent else spec.weights
     stage = PlannedStage(spec=spec, folder=folder, parent_path=parent_path,
                          data_path=recipe.datasets[spec.data].path)
-    if spec.kind == "eval":
+    if spec.kind == EVAL:
         try:
             stage.eval_options = from_dict(EvalOptions, spec.overrides, where=f"{source}: stage {spec.name!r}")
         except ConfigError as exc:
@@ -234,6 +248,10 @@ def _plan_stage(recipe: Recipe, spec: StageSpec, run_dir: Path, source: Path) ->
                 "--sliding" if opts.sliding else "--no-sliding", "--tile", str(opts.tile), "--out", str(folder)]
     else:
         stage.config = stage_config(recipe, spec, folder, parent_path, source)
+        try:
+            stage.identity = stage.config.identity(recipe.nproc)
+        except ConfigError as exc:
+            raise _fail(source, spec.name, str(exc)) from None
         stage.config_file = run_dir / "configs" / f"{spec.name}.yaml"
         args = ["--config", str(stage.config_file), "--out", str(folder)]
     stage.command, stage.display = launch_command(recipe, spec.kind, args)

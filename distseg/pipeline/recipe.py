@@ -15,54 +15,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from distseg.config import ConfigError, from_dict, read_mapping
+from distseg.data.options import ShardOptions
 from distseg.models import ModelConfig
+from distseg.stages.registry import kind_names
 
-StageKind = Literal["head", "distill", "ssl", "eval"]
+EVAL = "eval"
+"""The one stage kind of a recipe that is not a training kind: test-split metrics of its parent."""
 Launcher = Literal["deepspeed", "torchrun", "python"]
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class RecipeError(ValueError):
     """A recipe is malformed or inconsistent; raised before anything runs. The message names file and stage."""
-
-
-@dataclass
-class ShardSpec:
-    """How ``distseg run`` builds a dataset's shards from folders (the options of ``distseg shard-data``)."""
-
-    images: str | None = None
-    """Folder of images (labelled when ``masks`` is given)."""
-    masks: str | None = None
-    """Folder of masks matching ``images`` by file stem."""
-    unlabeled: str | None = None
-    """Folder of extra unlabelled images (the 'unlabeled' split)."""
-    classes: str | None = None
-    """Class-map file (YAML/JSON); required with ``masks``."""
-    tile: int | None = None
-    """Cut images into tiles of this side (None: whole images)."""
-    overlap: int = 0
-    """Tile overlap in pixels."""
-    split: str = "8:1:1"
-    """train:val:test ratios, applied to source images or to ``group_by`` groups."""
-    labeled_fraction: float = 1.0
-    """Fraction of the train tiles that keep labels; the rest join the unlabelled pool."""
-    group_by: str | None = None
-    """Regex over file names whose first group keeps related images in one split (e.g. a scene id)."""
-    seed: int = 0
-    """Seed of the split and of the labelled subset."""
-    shard_size: int = 1000
-    """Samples per shard file."""
-
-    def __post_init__(self) -> None:
-        if self.masks is not None and self.classes is None:
-            raise ValueError("'masks' needs 'classes' (a class-map file)")
-        if not 0 < self.labeled_fraction <= 1:
-            raise ValueError("labeled_fraction must be in (0, 1]")
-
-    def options(self) -> dict[str, Any]:
-        """The manifest's ``options`` these settings produce (to tell whether existing shards are current)."""
-        return {"tile": self.tile, "overlap": self.overlap, "split": self.split,
-                "labeled_fraction": self.labeled_fraction, "group_by": self.group_by, "seed": self.seed}
 
 
 @dataclass
@@ -88,8 +52,9 @@ class DatasetSpec:
 
     path: str = ""
     """Shard folder (with manifest.json). Default with ``shard``/``synthetic``: ``<run folder>/shards/<name>``."""
-    shard: ShardSpec | None = None
-    """Build ``path`` from these folders first (skipped when it already holds the same shards)."""
+    shard: ShardOptions | None = None
+    """Build ``path`` from these folders with these ``shard-data`` options first (skipped when it already holds
+    shards of the same layout)."""
     synthetic: SyntheticSpec | None = None
     """Generate the scenes into ``<run folder>/synthetic/<name>`` and shard them (``shard`` adds options)."""
 
@@ -121,27 +86,31 @@ class StageSpec:
 
     name: str
     """Unique name; also the stage's folder under the run folder."""
-    kind: StageKind
-    """head (new classifier), distill (student from teacher), ssl (mean teacher) or eval (test-split metrics)."""
+    kind: str
+    """A registered training kind (``python -m distseg.stages --help`` lists them) or ``eval`` (test metrics)."""
     data: str = ""
     """Dataset name: the stage's labelled data (or, for eval, the data evaluated on)."""
     parent: str | None = None
     """Earlier stage (by name) whose model this stage starts from, distils from or evaluates."""
     weights: str | None = None
     """Instead of ``parent``: a weights file or finished stage folder from outside this recipe."""
-    unlabeled: str | None = None
-    """(ssl) Dataset whose 'unlabeled' split is the unlabelled pool (default: ``data``)."""
+    unlabeled: list[str] | str = field(default_factory=list)
+    """(kinds that read a pool) Datasets whose 'unlabeled' splits form the pool (default: ``data``'s; a kind that
+    reads no labels pools ``data`` with these). A single name is accepted too."""
     label: str | None = None
     """(eval) Row label in the results table (default: the stage name)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """StageConfig fields for this stage (nested), or EvalOptions fields for an eval stage."""
 
     def __post_init__(self) -> None:
+        self.unlabeled = [self.unlabeled] if isinstance(self.unlabeled, str) else list(self.unlabeled)
+        if self.kind not in kind_names() + [EVAL]:
+            raise ValueError(f"stage {self.name!r}: unknown kind {self.kind!r}; use one of {kind_names() + [EVAL]}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise ValueError(f"stage name {self.name!r} must be letters, digits, '_', '-' or '.'")
         if self.parent and self.weights:
             raise ValueError(f"stage {self.name!r}: give 'parent' or 'weights', not both")
-        if self.kind == "eval" and not (self.parent or self.weights):
+        if self.kind == EVAL and not (self.parent or self.weights):
             raise ValueError(f"stage {self.name!r}: an eval stage needs 'parent' (the stage to evaluate)")
 
 
@@ -170,7 +139,7 @@ class Recipe:
     defaults: dict[str, Any] = field(default_factory=dict)
     """StageConfig fields applied to every training stage (before kind defaults and stage overrides)."""
     kind_defaults: dict[str, Any] = field(default_factory=dict)
-    """Per kind (head / distill / ssl) StageConfig fields, applied after ``defaults``."""
+    """Per training kind, StageConfig fields applied after ``defaults``."""
     figure_tiles: int = 4
     """Test tiles per row in results.png (0: no figure)."""
 
@@ -179,9 +148,9 @@ class Recipe:
             raise ValueError("nproc must be >= 1")
         if self.launcher == "python" and self.nproc > 1:
             raise ValueError("launcher 'python' runs one process; use deepspeed or torchrun for nproc > 1")
-        unknown = sorted(set(self.kind_defaults) - {"head", "distill", "ssl"})
+        unknown = sorted(set(self.kind_defaults) - set(kind_names()))
         if unknown:
-            raise ValueError(f"kind_defaults: unknown kind(s) {unknown}; use head, distill or ssl")
+            raise ValueError(f"kind_defaults: unknown kind(s) {unknown}; training kinds: {kind_names()}")
         if self.figure_tiles < 0:
             raise ValueError("figure_tiles must be >= 0")
 
@@ -194,9 +163,9 @@ def substitute(value: Any, variables: dict[str, str], where: str) -> Any:
     if isinstance(value, str):
         whole = _VAR.fullmatch(value)
         if whole and whole.group(1) in variables:  # `seed: ${SEED}` keeps the value's YAML type (an int here)
-            import yaml
+            from distseg.config import load_yaml
 
-            return yaml.safe_load(str(variables[whole.group(1)]))
+            return load_yaml(str(variables[whole.group(1)]))
 
         def repl(match: re.Match) -> str:
             name = match.group(1)
@@ -243,11 +212,11 @@ def _datasets(raw: Any, path: Path) -> dict[str, DatasetSpec]:
     return out
 
 
-def _shard_spec(name: str, ds: DatasetSpec, base: Path, run_dir: Path, path: Path) -> ShardSpec | None:
+def _shard_spec(name: str, ds: DatasetSpec, base: Path, run_dir: Path, path: Path) -> ShardOptions | None:
     """The typed shard block with absolute folders; a synthetic dataset shards its generated folder."""
     if ds.shard is None and ds.synthetic is None:
         return None
-    spec = ds.shard or ShardSpec()
+    spec = ds.shard or ShardOptions()
     folders = ("images", "masks", "unlabeled", "classes")
     spec = dataclasses.replace(spec, **{k: resolve_path(getattr(spec, k), base) for k in folders})
     if ds.synthetic is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from distseg.engine import checkpoint as ckpt
 from distseg.pipeline.plan import Plan, PlannedStage
+from distseg.pipeline.recipe import EVAL
 
 TIMINGS = "timings.json"
 
@@ -77,7 +78,7 @@ def _row(plan: Plan, stage: PlannedStage, timings: dict[str, dict[str, float]]) 
 def collect_rows(plan: Plan) -> list[ResultRow]:
     """Rows of every eval stage whose eval.json exists, in recipe order."""
     timings = load_timings(plan.run_dir)
-    evals = [s for s in plan.stages if s.kind == "eval" and (s.folder / "eval.json").is_file()]
+    evals = [s for s in plan.stages if s.kind == EVAL and (s.folder / "eval.json").is_file()]
     order = {spec.name: i for i, spec in enumerate(plan.recipe.stages)}
     return [_row(plan, s, timings) for s in sorted(evals, key=lambda s: order[s.name])]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from distseg.config import to_dict
 from distseg.pipeline.launch import LOG_NAME, decide, log_tail, run_process, write_stage_config
 from distseg.pipeline.plan import Plan, build_plan
 from distseg.pipeline.recipe import load_recipe
@@ -39,13 +40,11 @@ def build_datasets(plan: Plan, console) -> None:
         if synth is not None and not Path(spec.classes).is_file():
             console.print(f"[bold]generating[/] {synth.images} synthetic {synth.domain!r} scenes for {name!r}")
             write_dataset(Path(spec.classes).parent, synth.images, synth.size, synth.domain, seed=synth.seed)
-        if spec is None or _shards_current(Path(ds.path), spec.options()):
+        if spec is None or _shards_current(Path(ds.path), spec.layout()):
             continue
         console.print(f"[bold]sharding[/] dataset {name!r} -> {ds.path}")
-        shard_dataset(ds.path, images=spec.images, masks=spec.masks, unlabeled=spec.unlabeled, classes=spec.classes,
-                      tile=spec.tile, overlap=spec.overlap, split=spec.split, labeled_fraction=spec.labeled_fraction,
-                      group_by=spec.group_by, seed=spec.seed, shard_size=spec.shard_size, force=True,
-                      command=["distseg", "run", str(plan.source)], progress=console.is_terminal)
+        shard_dataset(ds.path, **to_dict(spec), force=True, command=["distseg", "run", str(plan.source)],
+                      progress=console.is_terminal)
 
 
 def print_plan(plan: Plan, console) -> None:

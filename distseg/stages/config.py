@@ -1,8 +1,8 @@
 """Typed configs of a training stage; the resolved config is saved in every stage folder's ``stage.json``."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from distseg.data.stream import StreamConfig
 from distseg.losses import SupervisedLossConfig
@@ -61,83 +61,53 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Which shards a stage reads."""
+    """Which shards a stage reads: the labelled folder and, for kinds that read one, an unlabelled pool."""
 
     shards: str = ""
     """Shard folder written by ``distseg shard-data`` (holds manifest.json)."""
     train_split: str = "train"
     val_split: str = "val"
-    stream: StreamConfig = field(default_factory=StreamConfig)
-
-
-@dataclass
-class HeadOptions:
-    """Stage A: fine-tune a new classifier on this hop's labels to make the hop's teacher."""
-
-    train_head: bool = False
-    """Also train ASPP/decoder/PSA, not only the classifier."""
-
-
-@dataclass
-class DistillOptions:
-    """Stage B: L = L_sup + alpha·L_KD + lambda·L_EWC against a frozen teacher."""
-
-    alpha: float = 1.0
-    temperature: float = 3.0
-    ewc_lambda: float = 1.0
-    """EWC weight (the study gives none); needs fisher.safetensors in the teacher's folder, else EWC is off."""
-    init_from_teacher: bool = False
-    """Start the student from the teacher's weights instead of a fresh (ImageNet/random) backbone."""
-
-    def __post_init__(self) -> None:
-        if self.alpha < 0 or self.ewc_lambda < 0 or self.temperature <= 0:
-            raise ValueError("alpha and ewc_lambda must be >= 0 and temperature > 0")
-
-
-@dataclass
-class SSLOptions:
-    """Stage C: mean teacher with filtered pseudo-labels."""
-
-    unlabeled_shards: str = ""
-    """Shard folder of the unlabelled pool ('' = the labelled data's own folder)."""
+    unlabeled: tuple[str, ...] = ()
+    """Shard folders of the unlabelled pool, read together as one pool. Empty: the ``shards`` folder's own
+    unlabelled split. A kind that reads no labels pools ``shards`` with these folders."""
     unlabeled_split: str = "unlabeled"
     unlabeled_fraction: float = 1.0
     """Deterministic subset of the unlabelled pool (the study's 0.1 / 0.5 / 1.0)."""
     unlabeled_ratio: int = 1
-    """Unlabelled micro-batch = this × the labelled micro-batch."""
-    tau: float = 0.95
-    max_entropy: float | None = None
-    """Drop pixels whose normalised entropy is above this (None: no entropy bound)."""
-    tile_keep_quantile: float | None = None
-    """Keep only the tiles whose mean entropy is among the lowest q of the batch (None: keep all)."""
-    lambda_u: float = 1.0
-    rampup_steps: int = 0
-    """Sigmoid ramp-up of lambda_u over this many steps (0: constant)."""
-    consistency: Literal["ce", "kl"] = "ce"
-    ema_alpha: float = 0.999
-    ema_warmup: bool = False
-    tta: tuple[str, ...] = ("identity", "hflip", "vflip", "bright+", "bright-")
-    brightness: float = 0.1
+    """Unlabelled micro-batch = this × the labelled micro-batch (kinds that also read labels)."""
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
     def __post_init__(self) -> None:
+        self.unlabeled = tuple(self.unlabeled)
         if not 0 < self.unlabeled_fraction <= 1:
             raise ValueError("unlabeled_fraction must be in (0, 1]")
-        if not 0 <= self.tau <= 1 or not 0 < self.ema_alpha < 1:
-            raise ValueError("tau must be in [0, 1] and ema_alpha in (0, 1)")
-        if self.unlabeled_ratio < 1 or self.lambda_u < 0:
-            raise ValueError("unlabeled_ratio must be >= 1 and lambda_u >= 0")
+        if self.unlabeled_ratio < 1:
+            raise ValueError("unlabeled_ratio must be >= 1")
+
+    def pool(self, reads_labels: bool) -> list[str]:
+        """The unlabelled pool's folders: ``unlabeled`` (plus ``shards`` for kinds that read no labels), or
+        ``shards`` alone when no pool folder is given."""
+        if not self.unlabeled:
+            return [self.shards]
+        return list(self.unlabeled) if reads_labels else [self.shards, *self.unlabeled]
 
 
 @dataclass
 class StageConfig:
-    """Everything one stage needs; ``distseg run`` builds these from a recipe, launchers from the CLI."""
+    """Everything one stage needs; ``distseg run`` builds these from a recipe, launchers from the CLI.
 
-    kind: Literal["head", "distill", "ssl"] = "distill"
+    ``options`` holds the kind's own options dataclass (``StageKind.options``). In YAML, JSON and ``--set`` it is
+    spelled as a section named after the kind (``ssl: {tau: 0.9}``, ``--set ssl.tau=0.9``), so a saved config reads
+    the same as one written by hand.
+    """
+
+    kind: str = "distill"
+    """A registered stage kind (``distseg.stages.registry``)."""
     out: str = ""
     """The stage folder to write."""
     parent: str | None = None
     """Previous stage folder (or weights file): the model to fine-tune (head), the teacher (distill) or the start
-    model (ssl). None for a head stage that starts from ``model.pretrained``."""
+    model (ssl). None for a kind that may start from ``model.pretrained``."""
     ds_config: str = "ds_configs/cpu_fp32.json"
     micro_batch: int | None = None
     grad_accum: int | None = None
@@ -148,10 +118,62 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: SupervisedLossConfig = field(default_factory=SupervisedLossConfig)
-    head: HeadOptions = field(default_factory=HeadOptions)
-    distill: DistillOptions = field(default_factory=DistillOptions)
-    ssl: SSLOptions = field(default_factory=SSLOptions)
+    options: Any = None
+    """The kind's options (None: the kind's defaults, or a kind without options)."""
 
     def __post_init__(self) -> None:
-        if self.kind in ("distill", "ssl") and not self.parent:
-            raise ValueError(f"a {self.kind} stage needs a parent stage (teacher / start model)")
+        from distseg.stages.registry import get_kind
+
+        kind = get_kind(self.kind)
+        if kind.parent == "required" and not self.parent:
+            raise ValueError(f"a {self.kind} stage needs a parent stage (--parent)")
+        if kind.parent == "none" and self.parent:
+            raise ValueError(f"a {self.kind} stage takes no parent")
+        if kind.options is not None and self.options is None:
+            self.options = kind.options()
+        if kind.options is not None and not isinstance(self.options, kind.options):
+            raise ValueError(f"options of a {self.kind} stage must be {kind.options.__name__}")
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], where: str) -> StageConfig:
+        """Read the kind's section into ``options``; another kind's section is an error naming both."""
+        from distseg.config import ConfigError, build_fields, from_dict
+        from distseg.stages.registry import get_kind, kind_names
+
+        data = dict(data)
+        name = data.get("kind", cls.kind)
+        if name not in kind_names():
+            raise ConfigError(f"{where}.kind: unknown stage kind {name!r}; registered: {kind_names()}")
+        kind = get_kind(name)
+        foreign = sorted(k for k in data if k in kind_names() and k != name)
+        if foreign or "options" in data:
+            raise ConfigError(f"{where}: section(s) {foreign or ['options']} do not apply to a {name} stage "
+                              f"(its options section is {name!r})")
+        section = data.pop(name, None) or {}
+        if section and kind.options is None:
+            raise ConfigError(f"{where}.{name}: a {name} stage has no options")
+        if kind.options is not None:
+            data["options"] = from_dict(kind.options, section, f"{where}.{name}")
+        return build_fields(cls, data, where)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_mapping`: the options under the kind's name."""
+        from distseg.config import to_dict
+
+        out = {f.name: to_dict(getattr(self, f.name)) for f in fields(self) if f.name != "options"}
+        if self.options is not None:
+            out[self.kind] = to_dict(self.options)
+        return out
+
+    def identity(self, world_size: int) -> dict[str, Any]:
+        """What makes two runs of a stage "the same run": the requested config, wherever its folder lives, plus the
+        DeepSpeed config it resolves to at ``world_size`` processes (the batch arithmetic depends on it).
+
+        The stage saves this in stage.json; ``--resume`` and ``distseg run``'s skip/resume decision both compare it.
+        """
+        from distseg.engine.dsconfig import load_ds_config, resolve_ds_config
+
+        ds = resolve_ds_config(load_ds_config(self.ds_config), world_size, micro_batch=self.micro_batch,
+                               grad_accum=self.grad_accum, global_batch=self.global_batch, source=self.ds_config)
+        requested = {k: v for k, v in self.to_mapping().items() if k != "out"}
+        return {"config": requested, "ds_config_resolved": ds}

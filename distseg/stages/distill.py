@@ -2,54 +2,74 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from distseg.losses import EWC, kd_loss, load_fisher, supervised_loss
-from distseg.stages.base import StageBase, run_stage
+from distseg.data.batch import Batches
+from distseg.losses import EWC, kd_loss, supervised_loss
 from distseg.stages.common import build_from, frozen, parent_matching
+from distseg.fisher import load_fisher
+from distseg.stages.registry import StageKind
+from distseg.stages.task import Student, Task, labelled
 
 
-class DistillStage(StageBase):
-    kind = "distill"
+@dataclass
+class DistillOptions:
+    """Stage B: L = L_sup + alpha·L_KD + lambda·L_EWC against a frozen teacher."""
 
-    def build_models(self) -> tuple[nn.Module, list[nn.Parameter]]:
-        parent = parent_matching(self.cfg.parent, self.cfg.model, self.class_map, "teacher")
+    alpha: float = 1.0
+    temperature: float = 3.0
+    ewc_lambda: float = 1.0
+    """EWC weight (the study gives none); needs fisher.safetensors in the teacher's folder, else EWC is off."""
+    init_from_teacher: bool = False
+    """Start the student from the teacher's weights instead of a fresh (ImageNet/random) backbone."""
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.ewc_lambda < 0 or self.temperature <= 0:
+            raise ValueError("alpha and ewc_lambda must be >= 0 and temperature > 0")
+
+
+class DistillTask(Task):
+    """A student of the teacher's architecture; the teacher is a frozen plain module beside the engine."""
+
+    def build(self) -> Student:
+        parent = parent_matching(self.ctx.parent, self.class_map, "teacher")
         self.teacher = frozen(build_from(parent)).to(self.env.device)
-        opts = self.cfg.distill
-        if opts.init_from_teacher:
+        if self.options.init_from_teacher:
             student = build_from(parent)
         else:
             student = build_from(dataclasses.replace(parent, weights=None), pretrained=self.cfg.model.pretrained)
-        self.model_cfg = dataclasses.replace(parent.model_cfg, pretrained=None)
-        self.ewc = self._ewc(parent, student)
-        return student, list(student.parameters())
+        self.parent = parent
+        return Student(student, list(student.parameters()), dataclasses.replace(parent.model_cfg, pretrained=None))
 
-    def _ewc(self, parent, student: nn.Module) -> EWC | None:
+    def bind(self, engine, autocast=None) -> None:
+        super().bind(engine, autocast)
+        self.ewc = self._ewc()
+
+    def _ewc(self) -> EWC | None:
         """EWC anchored at the teacher's weights, with the Fisher its stage saved; off when λ=0 or no Fisher."""
-        if self.cfg.distill.ewc_lambda == 0:
+        if self.options.ewc_lambda == 0:
             return None
-        if parent.fisher is None:
+        if self.parent.fisher is None:
             if self.env.is_main:
                 print(f"warning: {self.cfg.parent} has no fisher.safetensors; EWC is off for this stage")
             return None
-        state = load_fisher(parent.fisher)
+        state = load_fisher(self.parent.fisher)
         anchor = {n: p.detach().to(self.env.device) for n, p in self.teacher.named_parameters()}
         fisher = {n: f.to(self.env.device) for n, f in state.fisher.items()}
-        return EWC(anchor, fisher, self.cfg.distill.ewc_lambda).bind(student)
+        return EWC(anchor, fisher, self.options.ewc_lambda).bind(self.student)
 
-    def forward(self) -> dict[str, torch.Tensor]:
-        images, masks = self.next_labelled()
-        opts = self.cfg.distill
+    def step(self, batches: Batches) -> dict[str, torch.Tensor]:
+        batch, opts = labelled(batches), self.options
         with self.autocast:
-            logits = self.engine(images)
+            logits = self.engine(batch.image)
         logits = logits.float()
-        sup = supervised_loss(logits, masks, self.cfg.loss)
+        sup = supervised_loss(logits, batch.mask, self.cfg.loss)
         loss, out = sup, {"sup": sup.detach()}
         if opts.alpha > 0:  # with alpha = 0 this is plain supervised training: no teacher forward at all
             with torch.no_grad(), self.autocast:
-                teacher_logits = self.teacher(images)
+                teacher_logits = self.teacher(batch.image)
             kd = kd_loss(logits, teacher_logits.float(), T=opts.temperature)
             loss = loss + opts.alpha * kd
             out["kd"] = kd.detach()
@@ -60,6 +80,5 @@ class DistillStage(StageBase):
         return {"loss": loss, **out}
 
 
-def run(cfg, **kwargs):
-    """Run a distillation stage (see :func:`distseg.stages.base.run_stage`)."""
-    return run_stage(DistillStage, cfg, **kwargs)
+KIND = StageKind("distill", DistillTask, DistillOptions, script="distill.py",
+                 summary="a student distilled from a frozen teacher: L_sup + alpha L_KD + lambda L_EWC")

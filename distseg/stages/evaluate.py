@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+import typer
 
 from distseg.data.stream import StreamConfig
 from distseg.engine import checkpoint as ckpt
 from distseg.engine.distributed import init_distributed
 from distseg.engine.metrics import ConfusionMatrix, format_table
-from distseg.stages.common import StageError, data_class_map, evaluate_model, make_loader
+from distseg.stages.common import StageError
+from distseg.stages.trainer import data_class_map, evaluate_model, make_loader
 
 
 @torch.no_grad()
@@ -24,7 +26,7 @@ def sliding_window_metrics(model, loader, class_map, env, tile: int, overlap: fl
     cm = ConfusionMatrix(class_map.num_classes, class_map.ignore_index, device=env.device)
     window = SlidingWindow(model, class_map.num_classes, PredictConfig(tile=tile, overlap=overlap), env.device, 0, 1)
     for batch in loader:
-        for image, mask in zip(batch["image"], batch["mask"]):
+        for image, mask in zip(batch.image, batch.mask):
             array = image.permute(1, 2, 0).numpy().astype(np.float32)
             pred = np.full(mask.shape, class_map.ignore_index, dtype=np.int64)
             for block in window.run(ArrayReader(array, scale=1.0), class_map.ignore_index):
@@ -67,3 +69,32 @@ def run(model_path: str, shards: str, *, split: str = "val", sliding: bool = Tru
         target.mkdir(parents=True, exist_ok=True)
         ckpt.write_json_atomic(target / "eval.json", results)
     return results
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="Metrics of a stage folder or weights file on a split: whole tiles and sliding windows.")
+
+
+@app.command()
+def main(
+    model: str = typer.Argument(..., help="Stage folder, or a weights file with --model-config and --classes."),
+    data: str = typer.Option(..., "--data", help="Shard folder."),
+    split: str = typer.Option("val", "--split"),
+    sliding: bool = typer.Option(True, "--sliding/--no-sliding", help="Also evaluate with sliding windows."),
+    tile: int = typer.Option(512, "--tile"),
+    overlap: float = typer.Option(0.25, "--overlap"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for eval.json (default: the stage folder)."),
+    model_config: Optional[str] = typer.Option(None, "--model-config"),
+    classes: Optional[str] = typer.Option(None, "--classes"),
+    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Write eval.json and print per-class tables (launch with deepspeed/torchrun to split the tiles)."""
+    from distseg.stages.launcher import fail, user_errors
+
+    try:
+        run(model, data, split=split, sliding=sliding, tile=tile, overlap=overlap, batch_size=batch_size, out=out,
+            model_config=model_config, classes=classes, local_rank=local_rank, device=device)
+    except user_errors() as exc:
+        fail(str(exc))

@@ -2,47 +2,59 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from distseg.data.batch import Batches
 from distseg.losses import supervised_loss
-from distseg.stages.base import StageBase, run_stage
-from distseg.stages.common import StageError, build_from, resolve_parent
+from distseg.stages.common import Parent, StageError, build_from
+from distseg.stages.registry import StageKind
+from distseg.stages.task import Student, Task, labelled
 
 
-class HeadStage(StageBase):
-    kind = "head"
+@dataclass
+class HeadOptions:
+    """Stage A: fine-tune a new classifier on this hop's labels to make the hop's teacher."""
 
-    def build_models(self) -> tuple[nn.Module, list[nn.Parameter]]:
-        parent = resolve_parent(self.cfg.parent, self.cfg.model)
-        if parent.weights is None and self.cfg.model.pretrained is None:
+    train_head: bool = False
+    """Also train ASPP/decoder/PSA, not only the classifier."""
+
+
+class HeadTask(Task):
+    """A new classifier for the data's classes on a frozen model; the backbone stays in eval mode."""
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if not cfg.parent and cfg.model.pretrained is None:
             raise StageError("a head stage needs a parent (stage folder or weights) or model.pretrained "
                              "('imagenet' or a PATH): fine-tuning only the head of a random network is meaningless")
-        model = build_from(parent, num_classes=self.class_map.num_classes, pretrained=self.cfg.model.pretrained)
-        self.model_cfg = dataclasses.replace(parent.model_cfg, pretrained=None,
-                                             num_classes=self.class_map.num_classes)
+
+    def build(self) -> Student:
+        parent = self.ctx.parent or Parent(model_cfg=self.cfg.model, weights=None, class_map=None)
+        n = self.class_map.num_classes
+        model = build_from(parent, num_classes=n, pretrained=self.cfg.model.pretrained)
         groups = model.parameter_groups()
-        trainable = groups["classifier"] + (groups["head"] if self.cfg.head.train_head else [])
+        trainable = groups["classifier"] + (groups["head"] if self.options.train_head else [])
         for p in model.parameters():
             p.requires_grad_(False)
         for p in trainable:
             p.requires_grad_(True)
-        self._frozen_modules = [model.backbone] if self.cfg.head.train_head else [
+        self._frozen = [model.backbone] if self.options.train_head else [
             m for name, m in model.named_children() if name != "classifier"]
-        return model, trainable
+        return Student(model, trainable, dataclasses.replace(parent.model_cfg, pretrained=None, num_classes=n))
 
-    def forward(self) -> dict[str, torch.Tensor]:
+    def step(self, batches: Batches) -> dict[str, torch.Tensor]:
         # Frozen parts stay in eval mode: their BN statistics must not drift while their weights are fixed.
-        for module in self._frozen_modules:
+        for module in self._frozen:
             module.eval()
-        images, masks = self.next_labelled()
+        batch = labelled(batches)
         with self.autocast:
-            logits = self.engine(images)
-        sup = supervised_loss(logits.float(), masks, self.cfg.loss)
+            logits = self.engine(batch.image)
+        sup = supervised_loss(logits.float(), batch.mask, self.cfg.loss)
         return {"loss": sup, "sup": sup.detach()}
 
 
-def run(cfg, **kwargs):
-    """Run a head fine-tune stage (see :func:`distseg.stages.base.run_stage`)."""
-    return run_stage(HeadStage, cfg, **kwargs)
+KIND = StageKind("head", HeadTask, HeadOptions, parent="optional", changes_classes=True,
+                 script="finetune_head.py",
+                 summary="a hop's teacher: a new classifier for this hop's classes on a frozen model")

@@ -20,26 +20,53 @@ import copy
 import dataclasses
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from distseg.data.augment import apply_cutmix
-from distseg.data.manifest import read_manifest
+from distseg.data.batch import Batch, Batches
 from distseg.engine import checkpoint as ckpt
 from distseg.engine.distributed import sync_bn_buffers
-from distseg.engine.loop import EpochStream
 from distseg.losses import consistency_loss, supervised_loss
 from distseg.models.weights import save_weights
 from distseg.ops.ema import EMA
 from distseg.ops.pseudo import PseudoLabels, pseudo_label, tta_probs
-from distseg.stages.base import StageBase, run_stage
-from distseg.stages.common import build_from, evaluate_model, frozen, make_loader, parent_matching
+from distseg.stages.common import build_from, frozen, parent_matching
+from distseg.stages.registry import StageKind
+from distseg.stages.task import Student, Task, labelled
 
 STUDENT_WEIGHTS = "student.safetensors"
+
+
+@dataclass
+class SSLOptions:
+    """Stage C: mean teacher with filtered pseudo-labels (the pool itself is ``data.unlabeled``)."""
+
+    tau: float = 0.95
+    max_entropy: float | None = None
+    """Drop pixels whose normalised entropy is above this (None: no entropy bound)."""
+    tile_keep_quantile: float | None = None
+    """Keep only the tiles whose mean entropy is among the lowest q of the batch (None: keep all)."""
+    lambda_u: float = 1.0
+    """Weight of the consistency loss. 0 is the control: the same stage without it (no pool is read)."""
+    rampup_steps: int = 0
+    """Sigmoid ramp-up of lambda_u over this many steps (0: constant)."""
+    consistency: Literal["ce", "kl"] = "ce"
+    ema_alpha: float = 0.999
+    ema_warmup: bool = False
+    tta: tuple[str, ...] = ("identity", "hflip", "vflip", "bright+", "bright-")
+    brightness: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.tau <= 1 or not 0 < self.ema_alpha < 1:
+            raise ValueError("tau must be in [0, 1] and ema_alpha in (0, 1)")
+        if self.lambda_u < 0:
+            raise ValueError("lambda_u must be >= 0")
 
 
 def rampup(step: int, length: int) -> float:
@@ -66,65 +93,62 @@ def running_stats_frozen(layers: list[nn.modules.batchnorm._BatchNorm]) -> Itera
             m.momentum = momentum
 
 
-class SSLStage(StageBase):
-    kind = "ssl"
+class SSLTask(Task):
+    """Student in the engine; the EMA teacher beside it pseudo-labels the pool's weak views."""
 
-    def __init__(self, cfg, env) -> None:
-        super().__init__(cfg, env)
-        opts = cfg.ssl
-        self.ema = EMA(self.teacher, self.engine.module, alpha=opts.ema_alpha,
-                       warmup_steps=1000 if opts.ema_warmup else 0)
-        shards = opts.unlabeled_shards or cfg.data.shards
-        self.unlabeled_shards = shards
-        self.unl_stream = EpochStream(make_loader(
-            shards, opts.unlabeled_split, cfg.data.stream, env, batch_size=self.micro * opts.unlabeled_ratio,
-            train=True, views=("weak", "strong"), sample_fraction=opts.unlabeled_fraction, seed=cfg.train.seed + 1))
-        self.streams = [self.train_stream, self.unl_stream]
-        self.bn_layers = [m for m in self.engine.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def build_models(self) -> tuple[nn.Module, list[nn.Parameter]]:
-        parent = parent_matching(self.cfg.parent, self.cfg.model, self.class_map, "start model")
+    def build(self) -> Student:
+        parent = parent_matching(self.ctx.parent, self.class_map, "start model")
         student = build_from(parent)
         self.teacher = frozen(copy.deepcopy(student)).to(self.env.device)
-        self.model_cfg = dataclasses.replace(parent.model_cfg, pretrained=None)
-        return student, list(student.parameters())
+        return Student(student, list(student.parameters()), dataclasses.replace(parent.model_cfg, pretrained=None))
 
-    def forward(self) -> dict[str, torch.Tensor]:
-        opts = self.cfg.ssl
-        images, masks = self.next_labelled()
-        strong, labels, keep, soft, pl = self.pseudo_targets()
+    def bind(self, engine, autocast=None) -> None:
+        super().bind(engine, autocast)
+        self.ema = EMA(self.teacher, self.student, alpha=self.options.ema_alpha,
+                       warmup_steps=1000 if self.options.ema_warmup else 0)
+        self.bn_layers = [m for m in self.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def streams(self) -> tuple[str, ...]:
+        """The λ_u = 0 control trains on labels alone, so it neither reads nor pseudo-labels the pool."""
+        return super().streams() if self.options.lambda_u > 0 else ("labelled",)
+
+    def step(self, batches: Batches) -> dict[str, torch.Tensor]:
+        opts, batch = self.options, labelled(batches)
+        if batches.unlabelled is None:
+            with self.autocast:
+                logits_l = self.engine(batch.image).float()
+            sup = supervised_loss(logits_l, batch.mask, self.cfg.loss)
+            return {"loss": sup, "sup": sup.detach()}
+        strong, labels, keep, soft, pl = self.pseudo_targets(batches.unlabelled)
         with self.autocast:
-            logits_l = self.engine(images).float()
+            logits_l = self.engine(batch.image).float()
             with running_stats_frozen(self.bn_layers):
                 logits_u = self.engine(strong).float()
-        sup = supervised_loss(logits_l, masks, self.cfg.loss)
+        sup = supervised_loss(logits_l, batch.mask, self.cfg.loss)
         cons = consistency_loss(logits_u, labels, keep, kind=opts.consistency, teacher_probs=soft)
-        weight = opts.lambda_u * rampup(self.engine.global_steps, opts.rampup_steps)
+        weight = opts.lambda_u * rampup(getattr(self.engine, "global_steps", 0), opts.rampup_steps)
         return {"loss": sup + weight * cons, "sup": sup.detach(), "cons": cons.detach(),
                 "kept_fraction": pl.kept_fraction.mean(), "confidence": pl.mean_confidence.mean(),
                 "entropy": pl.mean_entropy.mean(), "class_hist": pl.class_hist.float()}
 
-    def pseudo_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, PseudoLabels]:
+    def pseudo_targets(self, unl: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                  PseudoLabels]:
         """The strong view and its targets: labels, keep mask, teacher probs (KL only, else None), after CutMix.
 
         The statistics in the returned :class:`PseudoLabels` describe the teacher's output before mixing.
         """
-        opts, dev = self.cfg.ssl, self.env.device
-        unl = next(self.unl_stream)
-        weak = unl["image"].to(dev, non_blocking=True)
-        strong = unl["image_strong"].to(dev, non_blocking=True)
+        opts = self.options
         with self.autocast:
-            probs = tta_probs(self.teacher, weak, opts.tta, opts.brightness)
+            probs = tta_probs(self.teacher, unl.image, opts.tta, opts.brightness)
         pl = pseudo_label(probs, tau=opts.tau, max_entropy=opts.max_entropy, from_logits=False,
                           ignore_index=self.class_map.ignore_index, tile_keep_quantile=opts.tile_keep_quantile)
         labels, keep = pl.labels, pl.keep
         soft = probs if opts.consistency == "kl" else None
-        if "cutmix_box" in unl:
-            box = unl["cutmix_box"].to(dev, non_blocking=True)
-            index = unl["cutmix_index"].to(dev, non_blocking=True)
+        if unl.cutmix_box is not None:
+            box, index = unl.cutmix_box, unl.cutmix_index
             labels, keep = apply_cutmix(labels, box, index), apply_cutmix(keep, box, index)
             soft = apply_cutmix(soft, box, index) if soft is not None else None
-        return strong, labels, keep, soft, pl
+        return unl.image_strong, labels, keep, soft, pl
 
     def after_step(self, applied: bool) -> None:
         self.ema.update(applied)
@@ -134,11 +158,13 @@ class SSLStage(StageBase):
         sync_bn_buffers(self.teacher)
 
     def replicas(self) -> dict[str, nn.Module]:
-        return {"student": self.engine.module, "teacher": self.teacher}
+        return {"student": self.student, "teacher": self.teacher}
 
-    def evaluate(self) -> dict[str, Any]:
-        teacher = evaluate_model(self.teacher, self.val_loader, self.class_map, self.env, self.autocast)
-        student = evaluate_model(self.engine.module, self.val_loader, self.class_map, self.env, self.autocast)
+    def evaluate(self, loader) -> dict[str, Any]:
+        from distseg.stages.trainer import evaluate_model
+
+        teacher = evaluate_model(self.teacher, loader, self.class_map, self.env, self.autocast)
+        student = evaluate_model(self.student, loader, self.class_map, self.env, self.autocast)
         self.teacher.eval()
         return {"score": teacher["miou"] or 0.0, "teacher": teacher, "student": student}
 
@@ -146,7 +172,7 @@ class SSLStage(StageBase):
         """``model.safetensors`` is the teacher (the model to deploy); the student is kept beside it."""
         folder.mkdir(parents=True, exist_ok=True)
         save_weights(self.teacher, folder / ckpt.WEIGHTS, {"kind": "ssl-teacher"})
-        save_weights(self.engine.module, folder / STUDENT_WEIGHTS, {"kind": "ssl-student"})
+        save_weights(self.student, folder / STUDENT_WEIGHTS, {"kind": "ssl-student"})
 
     def save_extra(self, folder: Path) -> None:
         save_weights(self.teacher, folder / ckpt.TEACHER_WEIGHTS, {"kind": "ema-teacher"})
@@ -157,13 +183,6 @@ class SSLStage(StageBase):
         self.teacher.load_state_dict(state)
         self.ema.load_state_dict(torch.load(folder / "ema_state.pt", weights_only=True))
 
-    def record(self) -> dict[str, Any]:
-        record = super().record()
-        total = read_manifest(self.unlabeled_shards)["splits"].get(self.cfg.ssl.unlabeled_split, {})
-        record["unlabeled_samples"] = round(total.get("samples", 0) * self.cfg.ssl.unlabeled_fraction)
-        return record
 
-
-def run(cfg, **kwargs):
-    """Run a mean-teacher stage (see :func:`distseg.stages.base.run_stage`)."""
-    return run_stage(SSLStage, cfg, **kwargs)
+KIND = StageKind("ssl", SSLTask, SSLOptions, unlabelled=True, unlabelled_views=("weak", "strong"), script="ssl.py",
+                 summary="the mean teacher: EMA teacher pseudo-labels the unlabelled pool for the student")

@@ -1,0 +1,76 @@
+"""The stage kinds: one registered object per kind, and the only list of kinds in distseg.
+
+Each kind lives in one module that defines ``KIND = StageKind(...)``; registering it is one line in
+:data:`MODULES`. The launcher, ``python -m distseg.stages``, the recipe planner and its validation, ``distseg bench``
+and the CLI help all read this registry, so adding a kind touches nothing else.
+
+Kind modules import torch; :func:`kind_names` does not import them, so command-line help stays instant.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from distseg.stages.task import Task
+
+MODULES: dict[str, str] = {
+    "head": "distseg.stages.head",
+    "distill": "distseg.stages.distill",
+    "ssl": "distseg.stages.ssl",
+    "finetune": "distseg.stages.finetune",
+}
+"""Kind name -> the module whose ``KIND`` describes it (the registration)."""
+
+ParentNeed = Literal["required", "optional", "none"]
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """Everything the rest of distseg needs to know about one kind of training stage."""
+
+    name: str
+    """The kind's name in recipes, stage.json and ``python -m distseg.stages NAME``."""
+    task: type[Task]
+    """The task class: builds the kind's models and computes its loss dict from the batches it is given."""
+    options: type | None = None
+    """Dataclass of the kind's own options; configs spell it as a section named after the kind (``ssl: {...}``)."""
+    parent: ParentNeed = "required"
+    """Whether the stage starts from a previous stage folder or weights file (``--parent``)."""
+    labelled: bool = True
+    """Reads the labelled train split (and so needs a class map and is validated on the val split)."""
+    unlabelled: bool = False
+    """Reads an unlabelled pool (``data.unlabeled`` folders, else the data folder's own unlabelled split)."""
+    unlabelled_views: tuple[str, ...] = ("weak",)
+    """Views of each unlabelled tile the loader produces ('weak', plus 'strong' for consistency training)."""
+    changes_classes: bool = False
+    """May output another class set than its parent's (only a head-like stage may; others must match)."""
+    script: str | None = None
+    """``launch/<script>`` for ``deepspeed launch/<script> ...``; every kind also runs as a module."""
+    summary: str = ""
+    """One line for help texts and docs."""
+
+    def __post_init__(self) -> None:
+        if not (self.labelled or self.unlabelled):
+            raise ValueError(f"stage kind {self.name!r} reads no data: set labelled and/or unlabelled")
+
+
+def kind_names() -> list[str]:
+    """Registered kind names, without importing any kind module."""
+    return list(MODULES)
+
+
+def get_kind(name: str) -> StageKind:
+    """The registered kind ``name``; an unknown name is an error listing the known ones."""
+    if name not in MODULES:
+        raise KeyError(f"unknown stage kind {name!r}; registered kinds: {kind_names()}")
+    kind = importlib.import_module(MODULES[name]).KIND
+    if kind.name != name:
+        raise RuntimeError(f"{MODULES[name]}.KIND is named {kind.name!r}, registered as {name!r}")
+    return kind
+
+
+def all_kinds() -> list[StageKind]:
+    """Every registered kind (imports their modules)."""
+    return [get_kind(name) for name in MODULES]

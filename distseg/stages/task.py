@@ -1,0 +1,145 @@
+"""What a stage kind implements: its models and its loss (``Task``), given a ``StageContext``.
+
+The trainer (:mod:`distseg.stages.trainer`) owns everything else: the DeepSpeed engine around the student, the data
+streams the kind declares, the loop, evaluation, checkpoints and the stage folder. A task receives typed batches in
+:meth:`Task.step` and returns a loss dict; it never pulls data, so a step can be unit-tested in-process on a CPU
+batch::
+
+    kind = get_kind("distill")
+    task = kind.task(StageContext(kind, cfg, env, class_map, parent))
+    student = task.build()
+    task.bind(student.module)            # a plain module stands in for the engine
+    losses = task.step(Batches(labelled=batch))
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from distseg.data.batch import Batch, Batches
+from distseg.data.classes import ClassMap
+from distseg.engine import checkpoint as ckpt
+from distseg.engine.distributed import DistEnv, sync_bn_buffers
+from distseg.models import ModelConfig
+from distseg.models.weights import save_weights
+from distseg.stages.common import Parent
+
+
+@dataclass
+class StageContext:
+    """What a task is built from: the resolved config, this rank's place, the data's classes and the parent."""
+
+    kind: Any
+    """The ``StageKind`` being run."""
+    cfg: Any
+    """The ``StageConfig``; ``cfg.options`` holds the kind's options."""
+    env: DistEnv
+    class_map: ClassMap | None
+    """The labelled data's classes (None for kinds that read no labels)."""
+    parent: Parent | None
+    """The resolved ``--parent`` (None when none was given)."""
+
+
+class Student(NamedTuple):
+    """What :meth:`Task.build` returns: the module DeepSpeed trains, the parameters it optimises, and the model
+    config recorded in stage.json (what a later stage or ``predict`` rebuilds)."""
+
+    module: nn.Module
+    params: list[nn.Parameter]
+    model_cfg: ModelConfig
+
+
+class Task:
+    """Base class of a stage kind's task. Subclasses implement :meth:`build` and :meth:`step`."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx, self.cfg, self.env = ctx, ctx.cfg, ctx.env
+        self.options = ctx.cfg.options
+        self.class_map = ctx.class_map
+        self.engine: Any = None
+        self.autocast: Any = contextlib.nullcontext()
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Reject a config that cannot work before anything is built (the recipe planner calls it too)."""
+
+    # -- models --------------------------------------------------------------------------------------------------
+    def build(self) -> Student:
+        """Build the student (and any teacher, kept on ``self``); called once, before the engine exists."""
+        raise NotImplementedError
+
+    def bind(self, engine: Any, autocast: Any = None) -> None:
+        """Receive the engine wrapping the student (a plain module in unit tests) and the teachers' autocast.
+
+        Work that needs the student on its device (an EMA over its tensors, an EWC anchor) happens here.
+        """
+        self.engine = engine
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext()
+
+    @property
+    def student(self) -> nn.Module:
+        """The trained module itself (the engine's ``module``)."""
+        return getattr(self.engine, "module", self.engine)
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def streams(self) -> tuple[str, ...]:
+        """The streams this run draws, by ``Batches`` field: those the kind declares (a task may read fewer)."""
+        return tuple(name for name, wanted in (("labelled", self.ctx.kind.labelled),
+                                               ("unlabelled", self.ctx.kind.unlabelled)) if wanted)
+
+    def step(self, batches: Batches) -> dict[str, torch.Tensor]:
+        """One micro-step's losses: ``'loss'`` is optimised, every other entry is logged (tensors, no host sync)."""
+        raise NotImplementedError
+
+    def after_step(self, applied: bool) -> None:
+        """Once per optimizer step, with whether it was applied (fp16 overflow and non-finite steps are not)."""
+
+    # -- evaluation, export and state ----------------------------------------------------------------------------
+    def evaluate(self, loader) -> dict[str, Any] | None:
+        """Validate the student on ``loader``; ``'score'`` (higher is better) picks the best model. None: no
+        validation (kinds without labels), so the last model is exported."""
+        from distseg.stages.trainer import evaluate_model
+
+        if loader is None:
+            return None
+        result = evaluate_model(self.student, loader, self.class_map, self.env, self.autocast)
+        return {"score": result["miou"] if result["miou"] is not None else 0.0, "student": result}
+
+    def sync(self) -> None:
+        """Collective: make BN buffers of every saved model identical across ranks (before evaluating or saving)."""
+        sync_bn_buffers(self.student)
+
+    def replicas(self) -> dict[str, nn.Module]:
+        """The modules every rank holds a copy of, by name (checked for divergence at the end)."""
+        return {"student": self.student}
+
+    def export(self, folder: Path) -> None:
+        """Write what a later stage or ``predict`` uses (rank 0 only; no collectives)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        save_weights(self.student, folder / ckpt.WEIGHTS, {"kind": self.cfg.kind})
+
+    def save_extra(self, folder: Path) -> None:
+        """State DeepSpeed does not own (an EMA teacher), saved into a checkpoint tag folder (rank 0)."""
+
+    def load_extra(self, folder: Path) -> None:
+        """Restore what :meth:`save_extra` wrote (every rank)."""
+
+    def finish(self, folder: Path) -> None:
+        """Work done once at the very end, after the best weights are in place (rank 0 and others alike)."""
+
+    def record(self) -> dict[str, Any]:
+        """Extra stage.json fields of this kind (e.g. the unlabelled pool's size)."""
+        return {}
+
+
+def labelled(batches: Batches) -> Batch:
+    """The labelled batch, with its mask (a kind that declares labelled data always gets one)."""
+    batch = batches.labelled
+    if batch is None or batch.mask is None:
+        raise ValueError("this task needs a labelled batch (image and mask)")
+    return batch
