@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from distseg.engine import distributed as dist
 from distseg.inference.config import PredictConfig
 from distseg.inference.errors import PredictError
 from distseg.inference.raster import ArrayReader, Reader, expand_inputs, gdal_env, open_reader
@@ -24,8 +25,8 @@ from distseg.inference.sliding import SlidingWindow, WindowPlan
 from distseg.inference.summary import AreaCounter, write_summary
 from distseg.inference.writers import check_outputs, open_outputs, output_paths
 
-__all__ = ["ClassMapLike", "Prediction", "PredictConfig", "PredictError", "check_model", "init_distributed",
-           "predict_array", "predict_file", "predict_paths", "resolve_device"]
+__all__ = ["ClassMapLike", "Prediction", "PredictConfig", "PredictError", "check_model", "predict_array",
+           "predict_file", "predict_paths", "resolve_device"]
 
 
 class ClassMapLike(Protocol):
@@ -47,13 +48,6 @@ class Prediction:
     """float32 H × W blended probability of the predicted class (0 on nodata)."""
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of ranks (0, 1 without an initialised process group)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def resolve_device(name: str) -> torch.device:
     """"auto" -> this rank's GPU when CUDA is available, else cpu; "cuda" -> this rank's GPU."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -66,13 +60,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PredictError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
     return device
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group a launcher describes in the environment (``WORLD_SIZE`` > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank_and_world()
 
 
 def check_model(model: torch.nn.Module, class_map: ClassMapLike, device: torch.device, size: int = 64) -> None:
@@ -97,7 +84,7 @@ def predict_array(model: torch.nn.Module, image: np.ndarray, num_classes: int, c
     reader = ArrayReader(image, valid=valid, scale=cfg.scale)
     labels = np.full((reader.height, reader.width), ignore_index, dtype=np.uint8)
     confidence = np.zeros((reader.height, reader.width), dtype=np.float32)
-    rank, world = rank_and_world()
+    rank, world = dist.rank(), dist.world_size()
     engine = SlidingWindow(model.to(device).eval(), num_classes, cfg, device, rank, world)
     for block in engine.run(reader, ignore_index):
         h, w = block.labels.shape
@@ -138,7 +125,7 @@ def predict_file(model: torch.nn.Module, class_map: ClassMapLike, path: str | Pa
 def _predict_reader(model: torch.nn.Module, class_map: ClassMapLike, reader: Reader, paths: dict[str, Path],
                     cfg: PredictConfig, device: torch.device, progress: bool) -> dict[str, Any] | None:
     """Stream the blocks of an opened input into its outputs (rank 0) and summarise the areas."""
-    rank, world = rank_and_world()
+    rank, world = dist.rank(), dist.world_size()
     engine = SlidingWindow(model.to(device).eval(), class_map.num_classes, cfg, device, rank, world)
     outputs = None
     if rank == 0:

@@ -63,7 +63,8 @@ def predict(
     from distseg.inference.errors import PredictError
     from distseg.inference.summary import combine, print_summary
     from distseg.models.weights import WeightsError
-    from distseg.predict import PredictConfig, init_distributed, predict_paths, resolve_device
+    from distseg.engine.distributed import init_distributed
+    from distseg.predict import PredictConfig, predict_paths, resolve_device
 
     try:
         cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, dtype=dtype, device=device,
@@ -73,7 +74,8 @@ def predict(
         _fail(str(exc))
     try:
         torch_device = resolve_device(cfg.device)
-        rank, world_size = init_distributed(torch_device)
+        env = init_distributed(device=torch_device.type, single_process_group=False)
+        rank, world_size = env.rank, env.world_size
         try:
             model, class_map = _load(weights, torch_device, model_config, classes)
             summaries = predict_paths(model, class_map, inputs, out, cfg, torch_device, progress=not quiet)

@@ -40,7 +40,8 @@ def _execute(action) -> dict:
 
 
 def run(
-    recipe: Path = typer.Argument(..., help="Recipe YAML (see docs/recipes.md)."),
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see docs/recipes.md), or the name of a shipped recipe "
+                                            "(demo, dubai_10pct, eh_mkd_ssl, eh_ablation, cityscapes_semi)."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder (default: the recipe's, else runs/<name>)."),
     var: list[str] = typer.Option([], "--var", help="Recipe variable NAME=VALUE (repeatable); beats the "
                                                     "environment and the recipe's vars."),

@@ -35,28 +35,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(local_rank: int | None = None, device: str | None = None) -> DistEnv:
+def init_distributed(local_rank: int | None = None, device: str | None = None, *,
+                     single_process_group: bool = True) -> DistEnv:
     """Initialise (once) the default process group and return this process's place in it.
 
     ``local_rank`` is what the deepspeed launcher passes as ``--local_rank``; LOCAL_RANK from the environment wins
     when both exist. Without any launcher a one-process group on a free port is created, so collectives are
-    always valid to call.
+    always valid to call; ``single_process_group=False`` (inference) joins a group only when a launcher started
+    several processes. NCCL on CUDA, gloo on CPU.
     """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", str(local_rank or 0))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
     lrank = int(os.environ["LOCAL_RANK"])
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if use_cuda:
         torch.cuda.set_device(lrank)
-    if not dist.is_initialized():
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
     dev = torch.device("cuda", lrank) if use_cuda else torch.device("cpu")
+    if dist.is_initialized() or not (single_process_group or launched):
+        return DistEnv(rank=rank(), local_rank=lrank, world_size=world_size(), device=dev)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
     return DistEnv(rank=dist.get_rank(), local_rank=lrank, world_size=dist.get_world_size(), device=dev)
 
 

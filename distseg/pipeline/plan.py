@@ -211,7 +211,7 @@ def stage_config(recipe: Recipe, spec: StageSpec, folder: Path, parent_path: str
     except ConfigError as exc:
         raise RecipeError(str(exc)) from None
     try:
-        get_kind(spec.kind).task.check_config(cfg)
+        get_kind(spec.kind).check(cfg)
     except ValueError as exc:
         raise _fail(source, spec.name, str(exc)) from None
     return cfg

@@ -235,6 +235,17 @@ def _resolve_datasets(recipe: Recipe, base: Path, run_dir: Path, path: Path) -> 
         ds.path = resolve_path(ds.path, base) if ds.path else str(run_dir / "shards" / name)
 
 
+def locate_recipe(path: str | Path) -> Path:
+    """``path`` when it exists, else the shipped recipe of that name (``demo``, ``dubai_10pct.yaml``), so shipped
+    recipes run from any directory and after a non-editable install; otherwise ``path`` (reported as missing)."""
+    from distseg.resources import shipped
+
+    path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    return shipped("recipes", path) or shipped("recipes", path.with_suffix(".yaml")) or path
+
+
 def load_recipe(path: str | Path, variables: dict[str, str] | None = None, out: str | None = None) -> Recipe:
     """Read, substitute and type-check a recipe; paths come back absolute. Raises RecipeError naming the file."""
     path = Path(path)

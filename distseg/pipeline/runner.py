@@ -7,7 +7,7 @@ from typing import Any
 from distseg.config import to_dict
 from distseg.pipeline.launch import LOG_NAME, decide, log_tail, run_process, write_stage_config
 from distseg.pipeline.plan import Plan, build_plan
-from distseg.pipeline.recipe import load_recipe
+from distseg.pipeline.recipe import load_recipe, locate_recipe
 from distseg.pipeline.results import collect_rows, load_timings, rich_table, save_timings, write_results
 
 
@@ -128,6 +128,7 @@ def run_recipe(path: str | Path, *, variables: dict[str, str] | None = None, out
     Returns ``{"plan", "rows", "md", "csv", "figure"}`` (only ``plan`` on a dry run).
     """
     console = console or results_console()
+    path = locate_recipe(path)
     recipe = load_recipe(path, variables, out)
     plan = build_plan(recipe, path, require_inputs=not dry_run)
     if dry_run:

@@ -63,6 +63,21 @@ def parent_matching(parent: Parent, class_map: ClassMap, role: str) -> Parent:
     return parent
 
 
+def require_start_model(cfg) -> None:
+    """A kind that may start from ImageNet needs a parent or ``model.pretrained``: a random start is never meant."""
+    if not cfg.parent and cfg.model.pretrained is None:
+        raise StageError(f"a {cfg.kind} stage needs a parent (stage folder or weights) or model.pretrained "
+                         f"('imagenet' or a PATH); to start from random weights, save them and pass the file")
+
+
+def start_model(parent: Parent | None, cfg, num_classes: int) -> tuple[nn.Module, ModelConfig]:
+    """The model a stage starts from (``parent``, else ``cfg.model`` with ``model.pretrained``) with a classifier
+    for ``num_classes``, and the model config to record for it."""
+    parent = parent or Parent(model_cfg=cfg.model, weights=None, class_map=None)
+    model = build_from(parent, num_classes=num_classes, pretrained=cfg.model.pretrained)
+    return model, dataclasses.replace(parent.model_cfg, pretrained=None, num_classes=num_classes)
+
+
 def build_from(parent: Parent, num_classes: int | None = None, pretrained: str | None = None) -> nn.Module:
     """Build the parent's architecture and load its weights; ``num_classes`` swaps in a fresh classifier.
 

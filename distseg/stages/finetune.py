@@ -5,13 +5,11 @@ that predicts another class set gets a fresh classifier for the data's classes.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from distseg.data.batch import Batches
 from distseg.losses import supervised_loss
-from distseg.stages.common import Parent, StageError, build_from
+from distseg.stages.common import start_model
 from distseg.stages.registry import StageKind
 from distseg.stages.task import Student, Task, labelled
 
@@ -19,18 +17,9 @@ from distseg.stages.task import Student, Task, labelled
 class FinetuneTask(Task):
     """The whole model trains with the supervised loss."""
 
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        if not cfg.parent and cfg.model.pretrained is None:
-            raise StageError("a finetune stage needs a parent (stage folder or weights) or model.pretrained "
-                             "('imagenet' or a PATH); to train from scratch, say so with a random-init weights file")
-
     def build(self) -> Student:
-        parent = self.ctx.parent or Parent(model_cfg=self.cfg.model, weights=None, class_map=None)
-        n = self.class_map.num_classes
-        model = build_from(parent, num_classes=n, pretrained=self.cfg.model.pretrained)
-        return Student(model, list(model.parameters()),
-                       dataclasses.replace(parent.model_cfg, pretrained=None, num_classes=n))
+        model, model_cfg = start_model(self.ctx.parent, self.cfg, self.class_map.num_classes)
+        return Student(model, list(model.parameters()), model_cfg)
 
     def step(self, batches: Batches) -> dict[str, torch.Tensor]:
         batch = labelled(batches)

@@ -1,14 +1,13 @@
 """Stage A: a hop's teacher, made by training a new classifier (optionally the head) on the hop's labels."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from distseg.data.batch import Batches
 from distseg.losses import supervised_loss
-from distseg.stages.common import Parent, StageError, build_from
+from distseg.stages.common import start_model
 from distseg.stages.registry import StageKind
 from distseg.stages.task import Student, Task, labelled
 
@@ -24,16 +23,8 @@ class HeadOptions:
 class HeadTask(Task):
     """A new classifier for the data's classes on a frozen model; the backbone stays in eval mode."""
 
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        if not cfg.parent and cfg.model.pretrained is None:
-            raise StageError("a head stage needs a parent (stage folder or weights) or model.pretrained "
-                             "('imagenet' or a PATH): fine-tuning only the head of a random network is meaningless")
-
     def build(self) -> Student:
-        parent = self.ctx.parent or Parent(model_cfg=self.cfg.model, weights=None, class_map=None)
-        n = self.class_map.num_classes
-        model = build_from(parent, num_classes=n, pretrained=self.cfg.model.pretrained)
+        model, model_cfg = start_model(self.ctx.parent, self.cfg, self.class_map.num_classes)
         groups = model.parameter_groups()
         trainable = groups["classifier"] + (groups["head"] if self.options.train_head else [])
         for p in model.parameters():
@@ -42,7 +33,7 @@ class HeadTask(Task):
             p.requires_grad_(True)
         self._frozen = [model.backbone] if self.options.train_head else [
             m for name, m in model.named_children() if name != "classifier"]
-        return Student(model, trainable, dataclasses.replace(parent.model_cfg, pretrained=None, num_classes=n))
+        return Student(model, trainable, model_cfg)
 
     def step(self, batches: Batches) -> dict[str, torch.Tensor]:
         # Frozen parts stay in eval mode: their BN statistics must not drift while their weights are fixed.

@@ -55,6 +55,15 @@ class StageKind:
         if not (self.labelled or self.unlabelled):
             raise ValueError(f"stage kind {self.name!r} reads no data: set labelled and/or unlabelled")
 
+    def check(self, cfg) -> None:
+        """Reject a config this kind cannot run, before anything is built (the trainer and the recipe planner both
+        call it): an optional parent means "a parent, or ``model.pretrained``", then the task's own checks."""
+        from distseg.stages.common import require_start_model
+
+        if self.parent == "optional":
+            require_start_model(cfg)
+        self.task.check_config(cfg)
+
 
 def kind_names() -> list[str]:
     """Registered kind names, without importing any kind module."""

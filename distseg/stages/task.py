@@ -66,7 +66,8 @@ class Task:
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        """Reject a config that cannot work before anything is built (the recipe planner calls it too)."""
+        """Reject a config that cannot work before anything is built (via ``StageKind.check``, which the trainer
+        and the recipe planner call)."""
 
     # -- models --------------------------------------------------------------------------------------------------
     def build(self) -> Student:

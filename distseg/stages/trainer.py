@@ -53,7 +53,7 @@ def check_pool(folders: list[str], split: str) -> int:
 
 def stage_context(kind: StageKind, cfg, env: DistEnv) -> StageContext:
     """Validate the data and the parent a kind needs, before anything is built or written."""
-    kind.task.check_config(cfg)
+    kind.check(cfg)
     class_map = data_class_map(cfg.data.shards) if kind.labelled else None
     if kind.unlabelled:
         check_pool(cfg.data.pool(kind.labelled), cfg.data.unlabeled_split)

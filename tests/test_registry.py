@@ -1,0 +1,107 @@
+"""The stage registry is the one list of kinds: launchers, configs, recipes and bench derive from it, and a task's
+step runs in-process on a CPU batch."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_MODEL
+from distseg.config import ConfigError, from_dict, to_dict
+from distseg.data.batch import Batch, Batches
+from distseg.data.classes import ClassMap
+from distseg.engine.distributed import DistEnv
+from distseg.stages.common import Parent
+from distseg.stages.config import StageConfig
+from distseg.stages.registry import MODULES, all_kinds, get_kind, kind_names
+from distseg.stages.task import StageContext
+
+
+def test_every_registered_kind_loads_and_every_launch_script_is_a_kind():
+    kinds = all_kinds()
+    assert [k.name for k in kinds] == kind_names() == list(MODULES)
+    scripts = {p.name for p in (REPO / "launch").glob("*.py")} - {"evaluate.py"}
+    assert scripts == {k.script for k in kinds if k.script}
+    for kind in kinds:
+        if kind.script:
+            text = (REPO / "launch" / kind.script).read_text()
+            assert re.search(rf'main\("{kind.name}"', text), kind.script
+    with pytest.raises(KeyError, match="registered kinds"):
+        get_kind("nope")
+
+
+def test_module_help_lists_every_kind():
+    out = subprocess.run([sys.executable, "-m", "distseg.stages", "--help"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0
+    for name in kind_names() + ["evaluate"]:
+        assert f"  {name} " in out.stdout, name
+    bad = subprocess.run([sys.executable, "-m", "distseg.stages", "nope"], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert bad.returncode == 2 and "unknown stage kind 'nope'" in bad.stderr
+
+
+@pytest.mark.parametrize("kind", kind_names())
+def test_config_round_trip_spells_options_under_the_kind(kind):
+    spec = get_kind(kind)
+    data = {"kind": kind, "parent": "p" if spec.parent != "none" else None, "model": {"pretrained": "imagenet"}}
+    cfg = from_dict(StageConfig, data)
+    again = from_dict(StageConfig, to_dict(cfg))
+    assert again == cfg and "options" not in to_dict(cfg)
+    assert (kind in to_dict(cfg)) == (spec.options is not None)
+    other = next(k for k in kind_names() if k != kind and get_kind(k).options is not None)
+    with pytest.raises(ConfigError, match=f"do not apply to a {kind} stage"):
+        from_dict(StageConfig, {**data, other: {}})
+
+
+def test_parent_rules_come_from_the_kind():
+    with pytest.raises(ConfigError, match="needs a parent stage"):
+        from_dict(StageConfig, {"kind": "distill"})
+    cfg = from_dict(StageConfig, {"kind": "finetune"})
+    with pytest.raises(ValueError, match="needs a parent .* or model.pretrained"):
+        get_kind("finetune").check(cfg)
+
+
+def _ctx(kind: str, parent: Parent, **options) -> StageContext:
+    """A context as the trainer makes it, with an in-memory parent and a three-class map."""
+    spec = get_kind(kind)
+    data = {"kind": kind, "model": TINY_MODEL, "parent": "in-memory", "loss": {"kind": "ce"}}
+    if spec.options:
+        data[kind] = options
+    classes = ClassMap.from_dict({"classes": [{"name": n, "value": i} for i, n in enumerate("abc")]})
+    return StageContext(kind=spec, cfg=from_dict(StageConfig, data), env=DistEnv(0, 0, 1, torch.device("cpu")),
+                        class_map=classes, parent=parent)
+
+
+def _batch(b: int = 2, size: int = 32, strong: bool = False) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(b, 3, size, size, generator=g)
+    return Batch(key=[str(i) for i in range(b)], image=image, mask=torch.randint(0, 3, (b, size, size), generator=g),
+                 image_strong=image.flip(-1) if strong else None)
+
+
+@pytest.mark.parametrize("kind, options", [("distill", {"ewc_lambda": 0.0}), ("ssl", {"tau": 0.0}), ("head", {})])
+def test_a_task_step_runs_in_process_on_a_cpu_batch(kind, options):
+    from distseg.models import ModelConfig
+
+    torch.manual_seed(0)
+    parent = Parent(model_cfg=ModelConfig(**TINY_MODEL, num_classes=3), weights=None, class_map=None)
+    spec = get_kind(kind)
+    task = spec.task(_ctx(kind, parent, **options))
+    student = task.build()
+    task.bind(student.module)  # a plain module stands in for the DeepSpeed engine
+    unl = Batch(key=["u0", "u1"], image=_batch().image, image_strong=_batch().image.flip(-1)) if spec.unlabelled \
+        else None
+    losses = task.step(Batches(labelled=_batch(), unlabelled=unl))
+    assert losses["loss"].requires_grad and torch.isfinite(losses["loss"])
+    assert {"sup"} <= set(losses) and all(not v.requires_grad for k, v in losses.items() if k != "loss")
+    if kind == "distill":
+        assert "kd" in losses and "ewc" not in losses
+    if kind == "ssl":
+        assert losses["kept_fraction"] == 1.0 and "cons" in losses
+    losses["loss"].backward()
+    trained = {id(p) for p in student.params}
+    assert all((p.grad is not None) == (id(p) in trained) for p in student.module.parameters())
