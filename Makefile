@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# torch first: deepspeed builds from source against the installed torch.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q --no-build-isolation deepspeed
-	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev,all]'
 	touch $(STAMP)
 
 install: $(STAMP)
