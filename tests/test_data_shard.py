@@ -207,3 +207,32 @@ def test_shards_are_plain_webdataset(tmp_path):
     samples = list(wds.WebDataset(urls, shardshuffle=False))
     assert [s["__key__"] for s in samples] == manifest["shards"][0]["keys"]
     assert all({"png", "mask.png", "json"} <= set(s) for s in samples)
+
+
+def test_assign_pins_groups_to_splits_and_splits_the_rest(tmp_path):
+    from distseg.data.errors import DataError
+    from distseg.data.splitting import parse_assign
+
+    assert parse_assign("val=site2, test=site5,test=site6") == {"site2": "val", "site5": "test", "site6": "test"}
+    for bad, message in (("val:site2", "SPLIT=GROUP"), ("dev=site2", "SPLIT=GROUP"), ("val=a,test=a", "both")):
+        with pytest.raises(DataError, match=message):
+            parse_assign(bad)
+    src = write_dataset(tmp_path / "src", 14, 24, seed=4)
+    for sub in ("images", "masks"):
+        for i, path in enumerate(sorted((src / sub).iterdir())):
+            path.rename(path.with_name(f"site{i % 7}_{path.name}"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["shard-data", str(out), "--images", str(src / "images"), "--masks",
+                                      str(src / "masks"), "--classes", str(src / "classes.yaml"), "--group-by",
+                                      r"^(site\d+)_", "--assign", "val=site2,test=site5,test=site6",
+                                      "--split", "1:0:0"])
+    assert result.exit_code == 0, result.output
+    splits_of = defaultdict(set)
+    for _, (split, fields) in all_samples(out).items():
+        splits_of[json.loads(fields["json"])["group"]].add(split)
+    assert splits_of == {"site0": {"train"}, "site1": {"train"}, "site2": {"val"}, "site3": {"train"},
+                         "site4": {"train"}, "site5": {"test"}, "site6": {"test"}}
+    assert read_manifest(out)["options"]["assign"] == "val=site2,test=site5,test=site6"
+    with pytest.raises(DataError, match=r"group\(s\) \['site9'\] that no labelled file belongs to"):
+        shard_dataset(tmp_path / "bad", images=src / "images", masks=src / "masks", classes=src / "classes.yaml",
+                      group_by=r"^(site\d+)_", assign="val=site9")
