@@ -25,7 +25,7 @@ def _metrics(folder):
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, target_shards, init_weights):
-    """head -> distill -> ssl, each a real 2-process `deepspeed --num_gpus 2` run with ZeRO-1 on gloo."""
+    """head -> distill -> ssl, and a mim stage, each a real 2-process `deepspeed --num_gpus 2` run with ZeRO-1 on gloo."""
     tmp = tmp_path_factory.mktemp("chain")
     cfg = tiny_stage_config(tmp, steps=4, eval_every=2, ckpt_every=2)
     common = ["--config", str(cfg), "--data", str(target_shards), "--ds_config", "ds_configs/zero1_fp32.json"]
@@ -33,10 +33,13 @@ def chain(tmp_path_factory, target_shards, init_weights):
     launch("distill.py", *common, "--out", str(tmp / "distill"), "--teacher", str(tmp / "head"), nproc=2)
     launch("ssl.py", *common, "--out", str(tmp / "ssl"), "--init", str(tmp / "distill"),
            "--set", "ssl.tau=0.5", nproc=2)
+    launch("pretrain_mim.py", *common, "--out", str(tmp / "mim"), "--parent", str(init_weights),
+           "--set", "mim.patch_size=16", nproc=2)
     return tmp
 
 
 def test_stages_finish_with_identical_replicas(chain):
+    assert _record(chain / "mim")["finished"] and _record(chain / "mim")["rank_divergence"] == {"student": 0.0}
     for name in ("head", "distill", "ssl"):
         record = _record(chain / name)
         assert record["finished"] and record["world_size"] == 2 and record["steps"] == 4
@@ -86,7 +89,8 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("script,extra,exports", [
     ("finetune_head.py", ["--set", "head.train_head=true"], ["model.safetensors"]),
     ("ssl.py", ["--set", "ssl.tau=0.5", "--set", "ssl.ema_warmup=true"], ["model.safetensors", "student.safetensors"]),
-], ids=["head", "ssl"])
+    ("pretrain_mim.py", ["--set", "mim.patch_size=16"], ["model.safetensors"]),
+], ids=["head", "ssl", "mim"])
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, target_shards, init_weights, script, extra, exports):
     cfg = tiny_stage_config(tmp_path, steps=10, ckpt_every=2, fisher_batches=0)
     args = ["--config", str(cfg), "--data", str(target_shards), "--parent", str(init_weights), *extra]

@@ -145,6 +145,9 @@ def load_inference_model(path: str | Path, device: str | torch.device = "cpu", *
     path = Path(path)
     if path.is_dir():
         record = read_stage(path)
+        if record.get("class_map") is None:
+            raise CheckpointError(f"{path}: a {record.get('kind')!r} stage holds an encoder without classes; run a "
+                                  f"head or finetune stage on it (as its parent) before evaluating or predicting")
         mcfg = from_dict(ModelConfig, record["config"]["model"], where=f"{path / STAGE_JSON}:model")
         class_map = ClassMap.from_dict(record["class_map"])
         weights = path / which

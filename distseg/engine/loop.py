@@ -280,8 +280,9 @@ def finalize(loop: Loop, fisher) -> None:
     if env.is_main:
         task.export(folder / "last")
         chosen = folder / "best" if loop.best["step"] is not None else folder / "last"
-        for f in chosen.glob("*.safetensors"):
-            shutil.copy2(f, folder / f.name)
+        for f in chosen.iterdir():  # the weights and whatever the task exports beside them (figures)
+            if f.is_file():
+                shutil.copy2(f, folder / f.name)
         if fisher is not None:
             fisher(folder)
     barrier()

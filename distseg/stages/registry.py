@@ -20,6 +20,7 @@ MODULES: dict[str, str] = {
     "distill": "distseg.stages.distill",
     "ssl": "distseg.stages.ssl",
     "finetune": "distseg.stages.finetune",
+    "mim": "distseg.stages.mim",
 }
 """Kind name -> the module whose ``KIND`` describes it (the registration)."""
 
@@ -38,6 +39,9 @@ class StageKind:
     """Dataclass of the kind's own options; configs spell it as a section named after the kind (``ssl: {...}``)."""
     parent: ParentNeed = "required"
     """Whether the stage starts from a previous stage folder or weights file (``--parent``)."""
+    random_start: bool = False
+    """With an optional parent: whether it may also start from random weights (no parent, no ``model.pretrained``).
+    Kinds that only fine-tune refuse that, since a random start is never what their user meant."""
     labelled: bool = True
     """Reads the labelled train split (and so needs a class map and is validated on the val split)."""
     unlabelled: bool = False
@@ -57,12 +61,18 @@ class StageKind:
 
     def check(self, cfg) -> None:
         """Reject a config this kind cannot run, before anything is built (the trainer and the recipe planner both
-        call it): an optional parent means "a parent, or ``model.pretrained``", then the task's own checks."""
-        from distseg.stages.common import require_start_model
+        call it): an optional parent means "a parent, or ``model.pretrained``" unless the kind may start at random, then the
+        task's own checks."""
+        from distseg.stages.common import StageError, require_start_model
 
-        if self.parent == "optional":
+        if self.parent == "optional" and not self.random_start:
             require_start_model(cfg)
-        self.task.check_config(cfg)
+        try:
+            self.task.check_config(cfg)
+        except StageError:
+            raise
+        except ValueError as exc:  # a task's own check reports bad input the way every stage error is reported
+            raise StageError(f"{self.name} stage: {exc}") from None
 
 
 def kind_names() -> list[str]:
