@@ -156,3 +156,25 @@ def test_ssl_pool_from_another_dataset_and_layering(tmp_path, shards):
     assert [s.config.train.steps for s in (head, kd, semi)] == [5, 9, 7]
     assert {s.config.train.seed for s in (head, kd, semi)} == {3} and semi.config.optim.lr == 0.5
     assert semi.config.parent == str(kd.folder) and head.config.parent == str(tmp_path / "init.safetensors")
+
+
+def test_seeds_expand_the_chain_and_the_table_averages_them(tmp_path, shards):
+    (tmp_path / "init.safetensors").write_bytes(b"")
+    stages = [HEAD, {"name": "kd", "kind": "distill", "data": "target", "parent": "head"},
+              {"name": "eval_kd", "kind": "eval", "data": "target", "parent": "kd", "label": "KD"}]
+    plan = _plan(_recipe(tmp_path, shards, stages, seeds=[0, 1]), tmp_path)
+    names = [s.name for s in plan.stages]
+    assert names == ["head.s0", "kd.s0", "eval_kd.s0", "head.s1", "kd.s1", "eval_kd.s1"]
+    by = plan.by_name()
+    assert by["kd.s1"].spec.parent == "head.s1" and by["kd.s1"].config.train.seed == 1
+    assert by["eval_kd.s0"].spec.label == by["eval_kd.s1"].spec.label == "KD"
+    row = lambda label, seed, miou: ResultRow(label, f"kd.s{seed}", "test", ["x"], [miou], miou, None, 8, 0, 10.0,
+                                              20.0, 30.0 + seed, seed=seed)
+    rows = [row("base", 0, 0.5), row("base", 1, 0.6), row("KD", 0, 0.55), row("KD", 1, 0.62)]
+    header, cells = table(rows, baseline="base")
+    assert header == ["row", "stage", "x", "mIoU", "± sd", "per seed", "Δ vs base", "labelled", "unlabelled",
+                      "stage s", "chain s", "chain CPU s"]
+    assert cells[1] == ["KD", "kd", "58.50", "58.50", "4.95", "55.00 / 62.00", "+3.50 (+5.00, +2.00)", "8", "0",
+                        "10", "20", "30"]
+    with pytest.raises(RecipeError, match="seeds must be distinct"):
+        load_recipe(_recipe(tmp_path, shards, stages, seeds=[1, 1]))

@@ -49,8 +49,13 @@ def write_figure(plan: Plan, path: Path, tiles: int) -> Path | None:
     evals = [s for s in plan.stages if s.kind == EVAL and (s.folder / "eval.json").is_file()]
     if not evals or tiles == 0:
         return None
-    first = evals[0]
-    rows = [s for s in evals if s.data_path == first.data_path]
+    first, labels_seen = evals[0], set()
+    rows = []
+    for s in evals:  # one line per row label (its first seed), on the first eval's data
+        label = s.spec.label or s.name
+        if s.data_path == first.data_path and label not in labels_seen:
+            labels_seen.add(label)
+            rows.append(s)
     from distseg.data.classes import ClassMap
 
     class_map = ClassMap.from_manifest(first.data_path)

@@ -7,6 +7,7 @@ the recipe file's folder, so a recipe and its data can move together; only the d
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -101,6 +102,8 @@ class StageSpec:
     """(eval) Row label in the results table (default: the stage name)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """StageConfig fields for this stage (nested), or EvalOptions fields for an eval stage."""
+    seed: int | None = None
+    """Set by ``seeds:`` expansion: the training seed of this copy of the chain."""
 
     def __post_init__(self) -> None:
         self.unlabeled = [self.unlabeled] if isinstance(self.unlabeled, str) else list(self.unlabeled)
@@ -142,6 +145,11 @@ class Recipe:
     """Per training kind, StageConfig fields applied after ``defaults``."""
     figure_tiles: int = 4
     """Test tiles per row in results.png (0: no figure)."""
+    seeds: list[int] = field(default_factory=list)
+    """Train the whole chain once per seed: every stage becomes ``<name>.s<seed>`` with ``train.seed`` set, and the
+    results table reports each row as the mean over the seeds with the per-seed values. Empty: one chain as written."""
+    baseline: str | None = None
+    """Row label of the baseline; the table then gives every row's mIoU difference to it (paired by seed)."""
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
@@ -153,6 +161,8 @@ class Recipe:
             raise ValueError(f"kind_defaults: unknown kind(s) {unknown}; training kinds: {kind_names()}")
         if self.figure_tiles < 0:
             raise ValueError("figure_tiles must be >= 0")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
 
 
 def substitute(value: Any, variables: dict[str, str], where: str) -> Any:
@@ -235,6 +245,23 @@ def _resolve_datasets(recipe: Recipe, base: Path, run_dir: Path, path: Path) -> 
         ds.path = resolve_path(ds.path, base) if ds.path else str(run_dir / "shards" / name)
 
 
+def expand_seeds(stages: list[StageSpec], seeds: list[int]) -> list[StageSpec]:
+    """One copy of the chain per seed (``<name>.s<seed>``, parents renamed alike, ``train.seed`` set on training
+    stages); eval stages keep their row label, so the table groups the seeds of a row. No seeds: unchanged."""
+    if not seeds:
+        return stages
+    out = []
+    for seed in seeds:
+        for spec in stages:
+            overrides = copy.deepcopy(spec.overrides)
+            if spec.kind != EVAL:
+                overrides.setdefault("train", {})["seed"] = seed
+            out.append(dataclasses.replace(spec, name=f"{spec.name}.s{seed}", label=spec.label or spec.name,
+                                           parent=f"{spec.parent}.s{seed}" if spec.parent else None, seed=seed,
+                                           overrides=overrides))
+    return out
+
+
 def locate_recipe(path: str | Path) -> Path:
     """``path`` when it exists, else the shipped recipe of that name (``demo``, ``dubai_10pct.yaml``), so shipped
     recipes run from any directory and after a non-editable install; otherwise ``path`` (reported as missing)."""
@@ -266,6 +293,7 @@ def load_recipe(path: str | Path, variables: dict[str, str] | None = None, out: 
     except ConfigError as exc:
         raise RecipeError(str(exc)) from None
     recipe.datasets = datasets
+    recipe.stages = expand_seeds(recipe.stages, recipe.seeds)
     recipe.name = recipe.name or path.stem
     base = path.resolve().parent
     run_dir = Path(out or resolve_path(recipe.out, base) or Path("runs") / recipe.name).resolve()

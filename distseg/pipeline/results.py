@@ -33,6 +33,55 @@ class ResultRow:
     """Wall time of the evaluated stage and all its ancestors (each counted once): what the model cost."""
     chain_cpu_seconds: float | None = None
     """CPU time of the same chain (steadier than wall time on a shared machine)."""
+    seed: int | None = None
+    """The chain's training seed when the recipe lists ``seeds``."""
+
+
+@dataclass
+class SummaryRow:
+    """One row label over its seeds: means, the spread and the per-seed values."""
+
+    label: str
+    rows: list[ResultRow]
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [r.seed for r in self.rows]
+
+    def mean(self, values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return sum(known) / len(known) if known and len(known) == len(values) else None
+
+    @property
+    def miou(self) -> float | None:
+        return self.mean([r.miou for r in self.rows])
+
+    @property
+    def spread(self) -> float | None:
+        """Sample standard deviation of mIoU over seeds (None for one seed)."""
+        values = [r.miou for r in self.rows]
+        if len(values) < 2 or None in values:
+            return None
+        m = sum(values) / len(values)
+        return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+    def class_iou(self, name: str) -> float | None:
+        return self.mean([dict(zip(r.class_names, r.per_class_iou)).get(name) for r in self.rows])
+
+    def delta(self, baseline: SummaryRow) -> list[float] | None:
+        """Per-seed mIoU differences to ``baseline``, paired by seed (None when the seeds do not pair up)."""
+        theirs = {r.seed: r.miou for r in baseline.rows}
+        if any(r.seed not in theirs or r.miou is None or theirs[r.seed] is None for r in self.rows):
+            return None
+        return [r.miou - theirs[r.seed] for r in self.rows]
+
+
+def summarise(rows: list[ResultRow]) -> list[SummaryRow]:
+    """Rows grouped by label, in order of first appearance (one group per row of the table)."""
+    groups: dict[str, list[ResultRow]] = {}
+    for row in rows:
+        groups.setdefault(row.label, []).append(row)
+    return [SummaryRow(label, members) for label, members in groups.items()]
 
 
 def load_timings(run_dir: Path) -> dict[str, dict[str, float]]:
@@ -72,7 +121,8 @@ def _row(plan: Plan, stage: PlannedStage, timings: dict[str, dict[str, float]]) 
         class_names=list(metrics["class_names"]), per_class_iou=list(metrics["per_class_iou"]),
         miou=metrics["miou"], pixel_acc=metrics["pixel_acc"], labeled=record.get("labeled_samples"),
         unlabeled=record.get("unlabeled_samples"), stage_seconds=timings.get(trained or "", {}).get("wall"),
-        chain_seconds=_chain_total(chain, timings, "wall"), chain_cpu_seconds=_chain_total(chain, timings, "cpu"))
+        chain_seconds=_chain_total(chain, timings, "wall"), chain_cpu_seconds=_chain_total(chain, timings, "cpu"),
+        seed=stage.spec.seed)
 
 
 def collect_rows(plan: Plan) -> list[ResultRow]:
@@ -91,41 +141,63 @@ def _secs(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.0f}"
 
 
-def table(rows: list[ResultRow]) -> tuple[list[str], list[list[str]]]:
-    """Header and text cells; class columns are the union of the rows' classes in first-seen order."""
+def _classes(rows: list[ResultRow]) -> list[str]:
+    """The union of the rows' classes in first-seen order."""
     classes: list[str] = []
     for row in rows:
         classes += [c for c in row.class_names if c not in classes]
-    header = ["row", "stage", *classes, "mIoU", "labelled", "unlabelled", "stage s", "chain s", "chain CPU s"]
+    return classes
+
+
+def table(rows: list[ResultRow], baseline: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and text cells of the summary table: one line per row label, means over its seeds."""
+    classes, groups = _classes(rows), summarise(rows)
+    base = next((g for g in groups if g.label == baseline), None)
+    seeded = any(r.seed is not None for r in rows)
+    header = ["row", "stage", *classes, "mIoU"] + (["± sd", "per seed"] if seeded else []) + \
+        ([f"Δ vs {baseline}"] if base else []) + ["labelled", "unlabelled", "stage s", "chain s", "chain CPU s"]
     cells = []
-    for row in rows:
-        iou = dict(zip(row.class_names, row.per_class_iou))
-        cells.append([row.label, row.stage, *[_pct(iou[c]) if c in iou else "" for c in classes], _pct(row.miou),
-                      str(row.labeled if row.labeled is not None else "n/a"),
-                      str(row.unlabeled if row.unlabeled is not None else "n/a"),
-                      _secs(row.stage_seconds), _secs(row.chain_seconds), _secs(row.chain_cpu_seconds)])
+    for g in groups:
+        first = g.rows[0]
+        stage = first.stage.removesuffix(f".s{first.seed}") if first.seed is not None else first.stage
+        line = [g.label, stage, *[_pct(g.class_iou(c)) if c in first.class_names else "" for c in classes],
+                _pct(g.miou)]
+        if seeded:
+            line += [_pct(g.spread), " / ".join(_pct(r.miou) for r in g.rows)]
+        if base:
+            deltas = g.delta(base)
+            line.append("n/a" if deltas is None else f"{100 * sum(deltas) / len(deltas):+.2f} ("
+                        + ", ".join(f"{100 * d:+.2f}" for d in deltas) + ")")
+        line += [str(first.labeled if first.labeled is not None else "n/a"),
+                 str(first.unlabeled if first.unlabeled is not None else "n/a"),
+                 *[_secs(g.mean([getattr(r, k) for r in g.rows]))
+                   for k in ("stage_seconds", "chain_seconds", "chain_cpu_seconds")]]
+        cells.append(line)
     return header, cells
 
 
-def write_results(rows: list[ResultRow], run_dir: Path, title: str) -> tuple[Path, Path]:
-    """results.md (a Markdown table, IoU in %) and results.csv (IoU as fractions, seconds unrounded)."""
-    header, cells = table(rows)
-    md = [f"# {title}", "", f"Per-class IoU and mIoU in % on the {rows[0].split if rows else 'test'} split; "
-          "wall and CPU times in seconds (chain: the stage and all its ancestors).", "",
-          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def write_results(rows: list[ResultRow], run_dir: Path, title: str, baseline: str | None = None) -> tuple[Path, Path]:
+    """results.md (the summary table, IoU in %) and results.csv (one line per evaluated model: IoU as fractions,
+    seconds unrounded, with its seed)."""
+    header, cells = table(rows, baseline)
+    seeds = sorted({r.seed for r in rows if r.seed is not None})
+    about = f"mean over seeds {', '.join(map(str, seeds))}; " if seeds else ""
+    md = [f"# {title}", "", f"Per-class IoU and mIoU in % on the {rows[0].split if rows else 'test'} split ({about}"
+          "± sd: sample standard deviation over seeds); wall and CPU times in seconds (chain: the stage and all its "
+          "ancestors).", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in cells]
     md_path, csv_path = run_dir / "results.md", run_dir / "results.csv"
     md_path.write_text("\n".join(md) + "\n")
-    classes = header[2:-6]
+    classes = _classes(rows)
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["row", "stage", "split", *[f"iou_{c}" for c in classes], "miou", "pixel_acc",
+        writer.writerow(["row", "seed", "stage", "split", *[f"iou_{c}" for c in classes], "miou", "pixel_acc",
                          "labeled", "unlabeled", "stage_seconds", "chain_seconds", "chain_cpu_seconds"])
         for row in rows:
             iou = dict(zip(row.class_names, row.per_class_iou))
-            writer.writerow([row.label, row.stage, row.split, *[_num(iou.get(c)) for c in classes], _num(row.miou),
-                             _num(row.pixel_acc), _num(row.labeled), _num(row.unlabeled), _num(row.stage_seconds),
-                             _num(row.chain_seconds), _num(row.chain_cpu_seconds)])
+            writer.writerow([row.label, _num(row.seed), row.stage, row.split, *[_num(iou.get(c)) for c in classes],
+                             _num(row.miou), _num(row.pixel_acc), _num(row.labeled), _num(row.unlabeled),
+                             _num(row.stage_seconds), _num(row.chain_seconds), _num(row.chain_cpu_seconds)])
     return md_path, csv_path
 
 
@@ -133,11 +205,11 @@ def _num(v) -> str:
     return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
 
 
-def rich_table(rows: list[ResultRow], title: str):
+def rich_table(rows: list[ResultRow], title: str, baseline: str | None = None):
     """The same table for the terminal."""
     from rich.table import Table
 
-    header, cells = table(rows)
+    header, cells = table(rows, baseline)
     out = Table(title=title)
     for i, h in enumerate(header):
         out.add_column(h, justify="left" if i < 2 else "right")

@@ -101,8 +101,8 @@ def finish(plan: Plan, console) -> dict[str, Any]:
     if not rows:
         return out
     title = f"{plan.recipe.name}: test-split results"
-    out["md"], out["csv"] = write_results(rows, plan.run_dir, title)
-    console.print(rich_table(rows, title), width=max(console.width, 160))  # a wide table beats a wrapped one
+    out["md"], out["csv"] = write_results(rows, plan.run_dir, title, plan.recipe.baseline)
+    console.print(rich_table(rows, title, plan.recipe.baseline), width=max(console.width, 160))  # a wide table beats a wrapped one
     out["figure"] = write_figure(plan, plan.run_dir / "results.png", plan.recipe.figure_tiles)
     written = [str(p) for p in (out["md"], out["csv"], out["figure"]) if p]
     console.print("wrote " + ", ".join(written))
