@@ -1,6 +1,7 @@
 """Every shipped recipe validates and dry-runs (no data needed), with the commands it would launch."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -72,13 +73,25 @@ def test_dubai_recipe_validates_against_the_real_data(tmp_path):
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"
     if not (shared / "dubai_aerial").is_dir():
         pytest.skip(f"real data not available: {shared / 'dubai_aerial'} is absent")
-    init = tmp_path / "init.safetensors"
-    init.write_bytes(b"")
     recipe = next(p for p in RECIPES if p.stem == "dubai_10pct")
-    plan = build_plan(load_recipe(recipe, {"DATA": str(shared), "INIT": str(init)}, out=str(tmp_path / "run")),
+    default = load_recipe(recipe, out=str(tmp_path / "run"))  # the default DATA finds the checkout's shared data
+    assert Path(default.datasets["dubai"].shard.images) == (shared / "dubai_aerial" / "images").resolve()
+    plan = build_plan(load_recipe(recipe, {"DATA": str(shared)}, out=str(tmp_path / "run")),
                       recipe)  # every input must exist; the class maps come from the recipe's class file
     assert not plan.warnings
-    chain = plan.by_name()["chain"].config
-    assert chain.data.shards == str(tmp_path / "run" / "shards" / "dubai")
-    assert (chain.options.alpha, chain.options.init_from_teacher) == (1.0, True)
-    assert plan.recipe.datasets["dubai"].shard.labeled_fraction == 0.1
+    shard = plan.recipe.datasets["dubai"].shard
+    assert (shard.tile, shard.overlap, shard.group_by, shard.assign, shard.labeled_fraction) == \
+        (256, 0, r"(tile\d+)_", "val=tile2,test=tile8", 0.1)
+    stages = plan.by_name()
+    assert [s.name for s in plan.stages if s.name.endswith(".s0")][:6] == \
+        ["ft.s0", "ft_ssl.s0", "ft_control.s0", "skd_teacher.s0", "skd.s0", "skd_ssl.s0"]
+    assert {s.config.train.seed for s in plan.stages if s.config and s.name.startswith("ft.")} == {0, 1, 2}
+    ssl, control = stages["ft_ssl.s1"].config, stages["ft_control.s1"].config
+    assert ssl.parent == control.parent == str(tmp_path / "run" / "ft.s1")
+    assert control.options.lambda_u == 0 and ssl.options.lambda_u > 0  # the control differs in lambda_u alone
+    assert dataclasses.replace(control.options, lambda_u=ssl.options.lambda_u) == ssl.options
+    assert (ssl.train, ssl.optim, ssl.data) == (control.train, control.optim, control.data)
+    assert stages["ft.s0"].config.model.pretrained == "imagenet"
+    labels = [s.spec.label for s in plan.stages if s.kind == "eval" and s.name.endswith(".s0")]
+    assert labels == ["(a) fine-tune", "(b) SKD", "(c) (a) + SSL", "(d) (b) + SSL", "(e) (a) + control"]
+    assert plan.recipe.baseline == "(a) fine-tune"

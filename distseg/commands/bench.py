@@ -11,12 +11,14 @@ from typing import Any, Optional
 
 import typer
 
+from distseg.stages.registry import kind_names
+
 app = typer.Typer(help="Benchmark training and inference throughput (records go to benchmarks/results/).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 _CONFIG = typer.Option(None, "--config", help="BenchConfig YAML/JSON; options given on the line override it.")
-_STAGE = typer.Option(None, "--stage", help="A registered stage kind (default ssl; `python -m distseg.stages "
-                                            "--help` lists them): the stage step to time.")
+_STAGE = typer.Option(None, "--stage", help=f"The stage kind whose step is timed: one of "
+                                            f"{', '.join(kind_names())} (default ssl).")
 _DATA = typer.Option(None, "--data", help="Shard folder (default: small synthetic data in a temporary folder).")
 _DS = typer.Option(None, "--ds_config", "--ds-config",
                    help="DeepSpeed JSON (default ds_configs/zero1_bf16.json on CUDA, cpu_fp32.json on CPU).")
