@@ -178,3 +178,6 @@ def test_seeds_expand_the_chain_and_the_table_averages_them(tmp_path, shards):
                         "10", "20", "30"]
     with pytest.raises(RecipeError, match="seeds must be distinct"):
         load_recipe(_recipe(tmp_path, shards, stages, seeds=[1, 1]))
+    shared = _plan(_recipe(tmp_path, shards, [{**HEAD, "once": True}, *stages[1:]], seeds=[0, 1]), tmp_path)
+    assert [s.name for s in shared.stages] == ["head", "kd.s0", "eval_kd.s0", "kd.s1", "eval_kd.s1"]
+    assert shared.by_name()["kd.s1"].spec.parent == "head" and shared.by_name()["head"].config.train.seed == 0

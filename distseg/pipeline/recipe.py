@@ -102,6 +102,9 @@ class StageSpec:
     """(eval) Row label in the results table (default: the stage name)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """StageConfig fields for this stage (nested), or EvalOptions fields for an eval stage."""
+    once: bool = False
+    """With the recipe's ``seeds``: run this stage a single time (first seed) and share it across the seeds' chains
+    (an expensive pretraining stage, say)."""
     seed: int | None = None
     """Set by ``seeds:`` expansion: the training seed of this copy of the chain."""
 
@@ -247,17 +250,26 @@ def _resolve_datasets(recipe: Recipe, base: Path, run_dir: Path, path: Path) -> 
 
 def expand_seeds(stages: list[StageSpec], seeds: list[int]) -> list[StageSpec]:
     """One copy of the chain per seed (``<name>.s<seed>``, parents renamed alike, ``train.seed`` set on training
-    stages); eval stages keep their row label, so the table groups the seeds of a row. No seeds: unchanged."""
+    stages); eval stages keep their row label, so the table groups the seeds of a row. A stage marked ``once`` runs
+    a single time (with the first seed) and every seed's copy of the chain below it starts from that one run.
+    No seeds: unchanged."""
     if not seeds:
         return stages
+    once = {spec.name for spec in stages if spec.once}
+
+    def renamed(name: str | None, seed: int) -> str | None:
+        return name if name is None or name in once else f"{name}.s{seed}"
+
     out = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         for spec in stages:
+            if spec.once and i > 0:
+                continue
             overrides = copy.deepcopy(spec.overrides)
             if spec.kind != EVAL:
                 overrides.setdefault("train", {})["seed"] = seed
-            out.append(dataclasses.replace(spec, name=f"{spec.name}.s{seed}", label=spec.label or spec.name,
-                                           parent=f"{spec.parent}.s{seed}" if spec.parent else None, seed=seed,
+            out.append(dataclasses.replace(spec, name=renamed(spec.name, seed), label=spec.label or spec.name,
+                                           parent=renamed(spec.parent, seed), seed=None if spec.once else seed,
                                            overrides=overrides))
     return out
 
