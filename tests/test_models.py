@@ -159,3 +159,15 @@ def test_config_round_trip_and_file_forms(tmp_path):
     assert (loaded.backbone, loaded.psa, loaded.num_classes, loaded.aspp_rates) == ("test_resnet", "none", 17, (1, 2))
     with pytest.raises(ConfigError, match="unknown key"):
         load_model_config(None, ["backbon=resnet101"])
+
+
+def test_feature_dropout_perturbs_whole_channels_in_any_mode():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="test_resnet", num_classes=3, psa="none", aspp_channels=16,
+                                    low_level_channels=8, decoder_channels=16)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        clean, again = model(x), model(x, feature_dropout=0.0)
+        torch.manual_seed(1)
+        perturbed = model(x, feature_dropout=0.5)
+    assert torch.equal(clean, again) and not torch.allclose(clean, perturbed)

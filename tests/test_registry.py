@@ -83,7 +83,8 @@ def _batch(b: int = 2, size: int = 32, strong: bool = False) -> Batch:
                  image_strong=image.flip(-1) if strong else None)
 
 
-@pytest.mark.parametrize("kind, options", [("distill", {"ewc_lambda": 0.0}), ("ssl", {"tau": 0.0}), ("head", {})])
+@pytest.mark.parametrize("kind, options", [("distill", {"ewc_lambda": 0.0}), ("ssl", {"tau": 0.0}), ("head", {}),
+                                           ("ssl", {"tau": 0.0, "feature_dropout": 0.5})])
 def test_a_task_step_runs_in_process_on_a_cpu_batch(kind, options):
     from distseg.models import ModelConfig
 
@@ -102,6 +103,7 @@ def test_a_task_step_runs_in_process_on_a_cpu_batch(kind, options):
         assert "kd" in losses and "ewc" not in losses
     if kind == "ssl":
         assert losses["kept_fraction"] == 1.0 and "cons" in losses
+        assert ("cons_fp" in losses) == (options.get("feature_dropout", 0) > 0)
     losses["loss"].backward()
     trained = {id(p) for p in student.params}
     assert all((p.grad is not None) == (id(p) in trained) for p in student.module.parameters())

@@ -64,7 +64,8 @@ def test_cutmix_plan_is_applied_to_pseudo_labels_keep_and_teacher_probs():
     fake = SimpleNamespace(options=opts, autocast=contextlib.nullcontext(), class_map=SimpleNamespace(ignore_index=255),
                            teacher=teacher)
     unl = Batch(key=list("abcd"), image=weak, image_strong=strong, cutmix_box=box, cutmix_index=index)
-    out_strong, labels, keep, soft, _ = SSLTask.pseudo_targets(fake, unl)
+    targets = SSLTask.pseudo_targets(fake, unl)
+    out_strong, labels, keep, soft = targets.strong, targets.labels, targets.keep, targets.soft
     expected_probs = tta_probs(teacher, strong, ("identity",))
     expected = pseudo_label(expected_probs, tau=0.6, from_logits=False, compile=False)
     unmixed = pseudo_label(tta_probs(teacher, weak, ("identity",)), tau=0.6, from_logits=False, compile=False)

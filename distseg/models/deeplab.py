@@ -70,18 +70,24 @@ class DeepLabV3Plus(nn.Module):
         """Apply PSA if it is configured at ``position``."""
         return self.psa(x) if self.config.psa_position == position else x
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Decoder output (B×decoder_channels×H/4×W/4), the classifier's input."""
+    def features(self, images: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
+        """Decoder output (B×decoder_channels×H/4×W/4), the classifier's input.
+
+        ``feature_dropout`` drops whole channels of both encoder features before the head (UniMatch's feature
+        perturbation; the SSL stage uses it on the weak view), whatever the module's mode.
+        """
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         low, high = self.backbone(x)
+        if feature_dropout > 0:
+            low, high = F.dropout2d(low, feature_dropout, True), F.dropout2d(high, feature_dropout, True)
         y = self._psa_at("post_aspp", self.aspp(self._psa_at("pre_aspp", high)))
         if y.shape[-2:] != low.shape[-2:]:
             y = F.interpolate(y, size=low.shape[-2:], mode="bilinear", align_corners=False)
         y = self.decoder(torch.cat([y, self.low_proj(low)], dim=1))
         return self._psa_at("decoder", y)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(self.features(images))
+    def forward(self, images: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
+        logits = self.classifier(self.features(images, feature_dropout))
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def replace_classifier(self, num_classes: int) -> None:

@@ -22,7 +22,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -61,12 +61,34 @@ class SSLOptions:
     ema_warmup: bool = False
     tta: tuple[str, ...] = ("identity", "hflip", "vflip", "bright+", "bright-")
     brightness: float = 0.1
+    feature_dropout: float = 0.0
+    """UniMatch's feature perturbation: the student also predicts the weak view with this channel dropout on its
+    encoder features, against the same pseudo-labels; the two consistency terms are then averaged (0: off)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.tau <= 1 or not 0 < self.ema_alpha < 1:
             raise ValueError("tau must be in [0, 1] and ema_alpha in (0, 1)")
+        if not 0 <= self.feature_dropout < 1:
+            raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
         if self.lambda_u < 0:
             raise ValueError("lambda_u must be >= 0")
+
+
+class Targets(NamedTuple):
+    """What the student is trained against on one unlabelled batch."""
+
+    strong: torch.Tensor
+    """The strong view (CutMix applied when planned)."""
+    labels: torch.Tensor
+    """Pseudo-labels aligned with ``strong``."""
+    keep: torch.Tensor
+    """Kept pixels aligned with ``strong``."""
+    soft: torch.Tensor | None
+    """Teacher probabilities aligned with ``strong`` (KL consistency only)."""
+    pseudo: PseudoLabels
+    """The teacher's pseudo-labels of the weak view, before mixing (and their statistics)."""
+    probs: torch.Tensor
+    """The teacher's TTA probabilities of the weak view, before mixing."""
 
 
 def rampup(step: int, length: int) -> float:
@@ -119,24 +141,30 @@ class SSLTask(Task):
                 logits_l = self.engine(batch.image).float()
             sup = supervised_loss(logits_l, batch.mask, self.cfg.loss)
             return {"loss": sup, "sup": sup.detach()}
-        strong, labels, keep, soft, pl = self.pseudo_targets(batches.unlabelled)
+        t = self.pseudo_targets(batches.unlabelled)
         with self.autocast:
             logits_l = self.engine(batch.image).float()
             with running_stats_frozen(self.bn_layers):
-                logits_u = self.engine(strong).float()
+                logits_u = self.engine(t.strong).float()
         sup = supervised_loss(logits_l, batch.mask, self.cfg.loss)
-        cons = consistency_loss(logits_u, labels, keep, kind=opts.consistency, teacher_probs=soft)
+        cons = consistency_loss(logits_u, t.labels, t.keep, kind=opts.consistency, teacher_probs=t.soft)
+        out = {"cons": cons.detach()}
+        if opts.feature_dropout > 0:
+            with self.autocast, running_stats_frozen(self.bn_layers):
+                logits_fp = self.engine(batches.unlabelled.image, feature_dropout=opts.feature_dropout).float()
+            soft = t.probs if opts.consistency == "kl" else None
+            cons_fp = consistency_loss(logits_fp, t.pseudo.labels, t.pseudo.keep, kind=opts.consistency,
+                                       teacher_probs=soft)
+            cons, out["cons_fp"] = 0.5 * (cons + cons_fp), cons_fp.detach()
         weight = opts.lambda_u * rampup(getattr(self.engine, "global_steps", 0), opts.rampup_steps)
-        return {"loss": sup + weight * cons, "sup": sup.detach(), "cons": cons.detach(),
+        pl = t.pseudo
+        return {"loss": sup + weight * cons, "sup": sup.detach(), **out,
                 "kept_fraction": pl.kept_fraction.mean(), "confidence": pl.mean_confidence.mean(),
                 "entropy": pl.mean_entropy.mean(), "class_hist": pl.class_hist.float()}
 
-    def pseudo_targets(self, unl: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                  PseudoLabels]:
-        """The strong view and its targets: labels, keep mask, teacher probs (KL only, else None), after CutMix.
-
-        The statistics in the returned :class:`PseudoLabels` describe the teacher's output before mixing.
-        """
+    def pseudo_targets(self, unl: Batch) -> Targets:
+        """The strong view and its targets (labels, keep mask, teacher probs for KL) after CutMix, and the teacher's
+        own pseudo-labels and probabilities of the weak view before mixing."""
         opts = self.options
         with self.autocast:
             probs = tta_probs(self.teacher, unl.image, opts.tta, opts.brightness)
@@ -148,7 +176,7 @@ class SSLTask(Task):
             box, index = unl.cutmix_box, unl.cutmix_index
             labels, keep = apply_cutmix(labels, box, index), apply_cutmix(keep, box, index)
             soft = apply_cutmix(soft, box, index) if soft is not None else None
-        return unl.image_strong, labels, keep, soft, pl
+        return Targets(unl.image_strong, labels, keep, soft, pl, probs)
 
     def after_step(self, applied: bool) -> None:
         self.ema.update(applied)
