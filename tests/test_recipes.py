@@ -12,7 +12,7 @@ from distseg.pipeline import build_plan, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 RECIPES = [p for p in RECIPES if p.name != "dubai_classes.yaml"]
-EXPECTED = {"demo", "dubai_10pct", "eh_mkd_ssl", "eh_ablation", "cityscapes_semi"}
+EXPECTED = {"demo", "dubai_10pct", "dubai_dapt", "eh_mkd_ssl", "eh_ablation", "cityscapes_semi"}
 
 
 def _vars(tmp_path: Path) -> dict[str, str]:
