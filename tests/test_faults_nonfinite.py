@@ -136,7 +136,7 @@ def test_nonfinite_weights_are_never_written_or_loaded(tmp_path):
 def test_a_diverging_ssl_stage_stops_with_one_error_line(tmp_path, target_shards, init_weights):
     """The issue's case: SSL at lr 1e30. Steps are skipped, the stage stops after max_skipped_steps of them in a
     row with exit 2, and no non-finite weights are anywhere in the folder, nor chosen as best."""
-    cfg = tiny_stage_config(tmp_path, steps=12, eval_every=1, ckpt_every=2, fisher_batches=0, max_skipped_steps=3)
+    cfg = tiny_stage_config(tmp_path, steps=12, eval_every=1, ckpt_every=0, fisher_batches=0, max_skipped_steps=3)
     out = tmp_path / "ssl"
     proc = launch("ssl.py", "--config", str(cfg), "--data", str(target_shards), "--init", str(init_weights),
                   "--out", str(out), "--set", "optim.lr=1.0e+30", "--set", "ssl.tau=0.5", check=False)
@@ -150,6 +150,27 @@ def test_a_diverging_ssl_stage_stops_with_one_error_line(tmp_path, target_shards
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r), "skipped steps stay out of the logged means"
     for path in out.rglob("*.safetensors"):  # best/, last/ and the checkpoints' EMA teachers
         assert all(bool(t.isfinite().all()) for t in load_file(str(path)).values() if t.is_floating_point()), path
+
+
+@pytest.mark.slow
+def test_a_diverged_model_is_never_checkpointed_or_exported(tmp_path, target_shards, init_weights):
+    """At lr 1e30 a finetune stage's weights either overflow (the stage stops at the first checkpoint that would
+    hold them) or stay finite with outputs that overflow (the final validation sees it): one error line either way,
+    nothing exported, and every checkpoint left holds finite weights."""
+    from distseg.engine.checkpoint import safe_load
+
+    cfg = tiny_stage_config(tmp_path, steps=4, ckpt_every=1, fisher_batches=0)
+    out = tmp_path / "ft"
+    proc = launch("finetune.py", "--config", str(cfg), "--data", str(target_shards), "--parent", str(init_weights),
+                  "--out", str(out), "--set", "optim.lr=1.0e+30", check=False)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "training diverged" in errors[0] and "not finite (NaN/inf)" in errors[0], errors[0]
+    assert not (out / "model.safetensors").exists() and not (out / "last").exists()
+    for path in (out / "checkpoint").rglob("*.pt"):
+        state = safe_load(path, map_location="cpu")
+        module = state.get("module") or {}
+        assert all(bool(t.isfinite().all()) for t in module.values() if t.is_floating_point()), path
 
 
 def _float_raster(path, pixels: np.ndarray) -> None:

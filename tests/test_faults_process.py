@@ -101,8 +101,8 @@ def test_the_watchdog_kills_a_rank_whose_supervisor_is_gone(tmp_path):
 def test_stage_logs_are_appended_per_invocation_and_copied_as_bytes(tmp_path):
     folder = tmp_path / "stage"
     folder.mkdir()
-    stage = SimpleNamespace(command=[sys.executable, "-c", "import sys; sys.stdout.buffer.write(b'rich bar \\xe2\\x94')"],
-                            display="python -c ...", config=None, folder=folder)
+    cut = "import sys; sys.stdout.buffer.write(b'rich bar \\xe2\\x94')"  # a UTF-8 character cut in half
+    stage = SimpleNamespace(command=[sys.executable, "-c", cut], display="python -c ...", config=None, folder=folder)
     progress = SimpleNamespace(update=lambda *a, **k: None)
     log = tmp_path / "logs" / "stage.log"
     for _ in range(2):

@@ -61,10 +61,9 @@ def predict(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table."),
 ) -> None:
     """Sliding-window prediction with blended overlaps: index mask, colour map, overlay, confidence, areas."""
-    from distseg.engine.distributed import init_distributed
     from distseg.errors import describe, reported
     from distseg.inference.summary import combine, print_summary
-    from distseg.predict import PredictConfig, predict_paths, resolve_device
+    from distseg.predict import PredictConfig
 
     try:
         cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, dtype=dtype, device=device,
@@ -73,27 +72,36 @@ def predict(
     except ValueError as exc:
         _fail(describe(exc))
     with reported():
-        created = _writable(out)
-        try:
-            torch_device = resolve_device(cfg.device)
-            env = init_distributed(device=torch_device.type, single_process_group=False)
-            rank, world_size = env.rank, env.world_size
-            try:
-                model, class_map = _load(weights, torch_device, model_config, classes)
-                summaries = predict_paths(model, class_map, inputs, out, cfg, torch_device, progress=not quiet)
-            finally:
-                if world_size > 1:
-                    import torch.distributed
-
-                    torch.distributed.destroy_process_group()
-        except BaseException:
-            if created and out.is_dir() and not any(out.iterdir()):
-                out.rmdir()  # nothing was predicted: leave no empty output folder behind
-            raise
+        rank, summaries = _predict_into(out, cfg, weights, inputs, model_config, classes, quiet)
     if rank == 0 and not quiet:
         for summary in summaries if len(summaries) <= _TABLES_MAX else [combine(summaries)]:
             print_summary(summary)
         typer.echo(f"wrote {len(summaries)} prediction(s) to {out} (per-file areas in <name>_summary.json)")
+
+
+def _predict_into(out: Path, cfg, weights: Path, inputs: List[Path], model_config: Optional[Path],
+                  classes: Optional[Path], quiet: bool) -> tuple[int, list]:
+    """Load the model and predict every input into ``out``; (this rank, its summaries). A failure before any
+    output exists leaves no empty output folder behind."""
+    from distseg.engine.distributed import init_distributed
+    from distseg.predict import predict_paths, resolve_device
+
+    created = _writable(out)
+    try:
+        torch_device = resolve_device(cfg.device)
+        env = init_distributed(device=torch_device.type, single_process_group=False)
+        try:
+            model, class_map = _load(weights, torch_device, model_config, classes)
+            return env.rank, predict_paths(model, class_map, inputs, out, cfg, torch_device, progress=not quiet)
+        finally:
+            if env.world_size > 1:
+                import torch.distributed
+
+                torch.distributed.destroy_process_group()
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def _writable(out: Path) -> bool:

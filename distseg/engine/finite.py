@@ -40,12 +40,30 @@ def nonfinite_modules(modules: dict[str, nn.Module]) -> list[str]:
 
 
 class StepGuard:
-    """Decides, once per optimizer step and identically on every rank, whether the update may be applied."""
+    """Decides, once per optimizer step and identically on every rank, whether the update may be applied.
+
+    A skipped step must change nothing, but its forward passes already moved the student's BatchNorm running
+    statistics (towards NaN, typically): :meth:`keep_buffers` makes the guard copy the student's buffers before each
+    step (:meth:`begin`, one fused device copy of a few thousand numbers) and put them back when the step is not
+    applied.
+    """
 
     def __init__(self) -> None:
         self._bad_loss: Tensor | None = None
         self.vetoed = False
         """Whether the latest optimizer step was skipped by this guard."""
+        self._buffers: list[Tensor] = []
+        self._saved: list[Tensor] = []
+
+    def keep_buffers(self, module: nn.Module) -> None:
+        """Restore ``module``'s buffers after every skipped step."""
+        self._buffers = [b for b in module.buffers() if b.numel()]
+        self._saved = [torch.empty_like(b) for b in self._buffers]
+
+    def begin(self) -> None:
+        """Start an optimizer step: remember the buffers (device copy, no host sync)."""
+        if self._buffers:
+            torch._foreach_copy_(self._saved, self._buffers)
 
     def watch(self, loss: Tensor) -> None:
         """Note a micro-step's loss (device-side: no host sync)."""
@@ -67,9 +85,12 @@ class StepGuard:
         return not self.vetoed
 
     def applied(self, engine) -> bool:
-        """Whether the step just taken changed the weights (DeepSpeed's own skips included); resets the veto."""
+        """Whether the step just taken changed the weights (DeepSpeed's own skips included); a skipped step gets
+        its buffers back. Resets the veto."""
         applied = bool(engine.was_step_applied()) and not self.vetoed
         self.vetoed, self._bad_loss = False, None
+        if not applied and self._buffers:
+            torch._foreach_copy_(self._buffers, self._saved)
         return applied
 
 

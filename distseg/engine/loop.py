@@ -139,6 +139,8 @@ def train_step(task: StageTask, engine, streams: dict[str, Iterator], device: to
     training step; the loop and ``distseg bench`` both call it.
     """
     sums: dict[str, torch.Tensor] = {}
+    if guard is not None:
+        guard.begin()
     for _ in range(accum):
         losses = task.step(next_batches(streams, device))
         if guard is not None:
@@ -166,6 +168,8 @@ class Loop:
         self.best: dict[str, Any] = {"score": float("-inf"), "step": None, "metrics": None}
         self.skipped = 0
         """Optimizer steps skipped so far (non-finite loss or gradients, fp16 overflow)."""
+        self.nonfinite: list[str] = []
+        """Models found non-finite (weights or validation outputs) by the latest evaluation."""
         self.corrupt = {name: 0 for name in streams}
         """Corrupt samples skipped so far, summed over ranks, by stream."""
         self._corrupt_local = {name: 0 for name in streams}
@@ -175,13 +179,19 @@ class Loop:
     def save_checkpoint(self) -> None:
         """All ranks write their DeepSpeed shards; rank 0 marks the tag COMPLETE only after everyone finished.
 
-        A tag folder left from an earlier timeline is removed first. If any rank fails to write (a full disk), every
-        rank raises together and rank 0 removes the half-written tag, so the previous complete one stays the
-        resume point.
+        Weights with a NaN or inf are never checkpointed (nor, as the final checkpoint comes first, exported): the
+        stage stops instead, on every rank, and the previous checkpoint stays the resume point. A tag folder left
+        from an earlier timeline is removed first. If any rank fails to write (a full disk), every rank raises
+        together and rank 0 removes the half-written tag.
         """
         tag = f"step{self.step:08d}"
         tag_dir = self.ckpt_dir / tag
         self.task.sync()
+        bad = nonfinite_modules(self.task.replicas())  # replicas are identical, so every rank agrees
+        if bad:
+            raise NonFiniteError(f"{self.folder}: the {', '.join(bad)} weights are not finite (NaN/inf) at step "
+                                 f"{self.step}: training diverged, so they are neither checkpointed nor exported "
+                                 f"(best/ holds step {self.best['step']}); lower optim.lr")
         if self.env.is_main and tag_dir.exists():
             shutil.rmtree(tag_dir)
         barrier()
@@ -256,15 +266,21 @@ class Loop:
     def evaluate(self, log: RunLog) -> dict[str, Any] | None:
         """Validate (if the task does) and export a new best model; every rank takes part.
 
-        Weights with a NaN or inf are never evaluated or selected: the evaluation is logged as non-finite.
+        A model with NaN/inf weights, or whose validation outputs are not finite, is never selected: the evaluation
+        is logged with ``nonfinite`` (the names of those models), which ``self.nonfinite`` keeps for the end.
         """
         self.task.sync()
-        bad = nonfinite_modules(self.task.replicas())
-        if bad:
-            log.write({"step": self.step, "nonfinite": bad})
+        self.nonfinite = nonfinite_modules(self.task.replicas())
+        if self.nonfinite:
+            log.write({"step": self.step, "nonfinite": self.nonfinite})
             return None
         metrics = self.task.evaluate(self.val_loader)
         if metrics is None:
+            return None
+        self.nonfinite = [name for name, m in metrics.items()
+                          if isinstance(m, dict) and not m.get("finite_outputs", True)]
+        if self.nonfinite:
+            log.write({"step": self.step, "eval": metrics, "nonfinite": self.nonfinite})
             return None
         log.write({"step": self.step, "eval": metrics}, prefix="eval")
         if metrics["score"] > self.best["score"]:
@@ -304,6 +320,10 @@ class Loop:
                 if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0 and not last:
                     self.save_checkpoint()
             final = self.evaluate(log)
+            if self.nonfinite:
+                raise NonFiniteError(f"{self.folder}: the {', '.join(self.nonfinite)} model's weights or validation "
+                                     f"outputs are not finite (NaN/inf) at the end: training diverged, so nothing "
+                                     f"is exported (best/ holds step {self.best['step']}); lower optim.lr")
             self.save_checkpoint()
         finally:
             log.close()
@@ -346,14 +366,9 @@ def _first(problems: list[str | None]) -> str | None:
 
 def finalize(loop: Loop, fisher) -> None:
     """Put the best weights (the last ones when the task does not validate) at the folder root, compute the Fisher
-    (``fisher(folder)``, rank 0, or None), run the task's final work and mark the stage finished.
-
-    Weights with a NaN or inf are never exported: the stage then fails on every rank, unfinished."""
+    (``fisher(folder)``, rank 0, or None), run the task's final work and mark the stage finished. The loop's final
+    checkpoint, just before, has checked that the weights are finite."""
     folder, task, env, record = loop.folder, loop.task, loop.env, loop.record
-    bad = nonfinite_modules(task.replicas())
-    if bad:
-        raise NonFiniteError(f"{folder}: the {', '.join(bad)} weights are not finite (NaN/inf) after step "
-                             f"{loop.step}; nothing was exported as the result (best/ holds step {loop.best['step']})")
     if env.is_main:
         task.export(folder / "last")
         chosen = folder / "best" if loop.best["step"] is not None else folder / "last"

@@ -17,7 +17,7 @@ from distseg.data.classes import ClassMap
 from distseg.data.manifest import read_manifest
 from distseg.engine import checkpoint as ckpt
 from distseg.engine.deepspeed_engine import attach_monitor, autocast_context, build_engine
-from distseg.engine.distributed import DistEnv, init_distributed, maybe_convert_sync_bn
+from distseg.engine.distributed import DistEnv, init_distributed, maybe_convert_sync_bn, sum_counts
 from distseg.engine.finite import StepGuard
 from distseg.engine.loop import EpochStream, Loop, finalize
 from distseg.engine.metrics import ConfusionMatrix
@@ -76,18 +76,25 @@ def make_loader(shards: str | list[str], split: str, stream_cfg, env: DistEnv, *
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader, class_map: ClassMap, env: DistEnv, autocast) -> dict[str, Any]:
-    """Whole-tile validation: one confusion matrix over the split, summed across ranks."""
+    """Whole-tile validation: one confusion matrix over the split, summed across ranks.
+
+    ``finite_outputs`` says whether every logit was finite: a diverged model can hold finite weights whose outputs
+    overflow, and its argmax would still make a (meaningless) confusion matrix.
+    """
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(class_map.num_classes, class_map.ignore_index, device=env.device)
+    bad = torch.zeros((), dtype=torch.bool, device=env.device)
     for batch in loader:
         with autocast:
             logits = model(batch.image.to(env.device, non_blocking=True))
+        bad |= ~logits.isfinite().all()
         cm.update(logits.argmax(1), batch.mask.to(env.device, non_blocking=True))
     cm.all_reduce()
     model.train(was_training)
     result = cm.compute()
     result["class_names"] = class_map.names
+    result["finite_outputs"] = sum_counts([int(bad)], env.device)[0] == 0
     return result
 
 
@@ -116,6 +123,7 @@ class Trainer:
         self.engine, self.ds_cfg = build_engine(
             module, student.params, ds_config=cfg.ds_config, optim=cfg.optim, total_steps=cfg.train.steps, env=env,
             micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, global_batch=cfg.global_batch, guard=self.guard)
+        self.guard.keep_buffers(self.engine.module)
         self.micro = int(self.ds_cfg["train_micro_batch_size_per_gpu"])
         self.task.bind(self.engine, autocast_context(self.ds_cfg, env.device))
         self.streams = self._streams()
