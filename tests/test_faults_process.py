@@ -163,15 +163,21 @@ def test_stopping_distseg_run_stops_its_stage(tmp_path, target_shards, init_weig
     run = subprocess.Popen([sys.executable, "-m", "distseg.cli", "run", str(recipe), "--out", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=stage_env(), cwd=REPO)
     stage = out / "ft"
-    _wait(lambda: _stage_pid(stage, run.pid) and (stage / "metrics.jsonl").is_file(), 300, "the stage to train")
-    pid = _stage_pid(stage, run.pid)
-    if sig == signal.SIGTERM:  # meanwhile, a second run on the same folder is refused, naming the first
-        second = subprocess.run([sys.executable, "-m", "distseg.cli", "run", str(recipe), "--out", str(out)],
-                                capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=300)
-        assert second.returncode == 2 and f"in use by process {run.pid} " in second.stderr, second.stderr
-    run.send_signal(sig)
-    code = run.wait(timeout=60)
-    _wait(lambda: not alive(pid), 30, f"stage process {pid} to end after {sig.name}")
+    pid = None
+    try:
+        _wait(lambda: _stage_pid(stage, run.pid) and (stage / "metrics.jsonl").is_file(), 300, "the stage to train")
+        pid = _stage_pid(stage, run.pid)
+        if sig == signal.SIGTERM:  # meanwhile, a second run on the same folder is refused, naming the first
+            second = subprocess.run([sys.executable, "-m", "distseg.cli", "run", str(recipe), "--out", str(out)],
+                                    capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=300)
+            assert second.returncode == 2 and f"in use by process {run.pid} " in second.stderr, second.stderr
+        run.send_signal(sig)
+        code = run.wait(timeout=60)
+        _wait(lambda: not alive(pid), 30, f"stage process {pid} to end after {sig.name}")
+    finally:  # never leave a 100,000-step stage behind, whatever failed above
+        for leftover in (run.pid, pid):
+            if leftover and alive(leftover):
+                os.kill(leftover, signal.SIGKILL)
     assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig)
     if sig != signal.SIGKILL:
         errors = [ln for ln in run.stderr.read().splitlines() if ln.startswith("error:")]
