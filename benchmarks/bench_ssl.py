@@ -158,7 +158,7 @@ def bench_step(repeats: int, backbone: str = "hrnet_w18_small", size: int = 128,
             stage.engine.step()
 
         def full() -> None:
-            train_step(task, stage.engine, stage.streams, device)
+            train_step(task, stage.engine, stage.streams, device, guard=stage.guard)
 
         t = compare({"full": full, "model": model_only}, repeats)
     share = 1.0 - t["model"]["median_s"] / t["full"]["median_s"]

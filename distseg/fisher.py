@@ -117,31 +117,49 @@ def save_fisher(path: str | Path, fisher: dict[str, Tensor], anchor: dict[str, T
     """Write the Fisher (and optionally the anchor weights) to a safetensors file, atomically."""
     from safetensors.torch import save_file
 
+    from distseg.models.weights import WeightsError
+
     path = Path(path)
     tensors = {_FISHER + k: v.detach().cpu().contiguous() for k, v in fisher.items()}
     if anchor is not None:
         tensors.update({_ANCHOR + k: v.detach().cpu().contiguous() for k, v in anchor.items()})
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "distseg-fisher", "has_anchor": str(anchor is not None)})
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "distseg-fisher", "has_anchor": str(anchor is not None)})
+        tmp.replace(path)
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors reports I/O failures (a full disk) as its own error type
+        raise WeightsError(f"{path}: cannot write the Fisher ({type(exc).__name__}: {exc})") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_fisher(path: str | Path) -> FisherState:
-    """Read a file written by :func:`save_fisher`; errors name the file and the problem."""
-    from safetensors import SafetensorError
+    """Read a file written by :func:`save_fisher`; errors (``WeightsError``) name the file and the problem.
+
+    A Fisher must be finite and non-negative (it is a mean of squares): anything else would turn EWC's penalty into
+    NaN or reward drifting away from the anchor.
+    """
     from safetensors.torch import load_file
+
+    from distseg.models.weights import WeightsError, nonfinite_keys
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no Fisher file")
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable safetensors file: {exc}") from exc
+    except Exception as exc:  # safetensors raises its own error type, or OSError, for a damaged file
+        raise WeightsError(f"{path}: not a readable safetensors file: {exc}") from exc
     fisher = {k[len(_FISHER):]: v for k, v in tensors.items() if k.startswith(_FISHER)}
     anchor = {k[len(_ANCHOR):]: v for k, v in tensors.items() if k.startswith(_ANCHOR)}
     if not fisher:
-        raise ValueError(f"{path}: holds no '{_FISHER}*' tensors, so it is not a Fisher file")
+        raise WeightsError(f"{path}: holds no '{_FISHER}*' tensors, so it is not a Fisher file")
+    bad = nonfinite_keys(tensors)
+    if bad or any(bool((f < 0).any()) for f in fisher.values()):
+        raise WeightsError(f"{path}: not a valid Fisher (NaN/inf in {bad[:3]} or negative entries); recompute it "
+                           f"with `distseg fisher`")
     return FisherState(fisher, anchor or None)
 
 

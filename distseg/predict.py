@@ -115,7 +115,7 @@ def predict_file(model: torch.nn.Module, class_map: ClassMapLike, path: str | Pa
     paths = output_paths(out_dir, path, cfg)
     check_outputs(paths, cfg.force)
     with gdal_env(path, cfg.gdal_cache_mb):
-        reader = open_reader(path, cfg.bands, cfg.scale)
+        reader = open_reader(path, cfg.bands, cfg.scale, cfg.max_pixels)
         try:
             return _predict_reader(model, class_map, reader, paths, cfg, torch.device(device), progress)
         finally:

@@ -84,9 +84,13 @@ def test_refuses_non_empty_out_without_force(src, tmp_path):
     (out / "keep.txt").write_text("precious")
     code, err = run(src, out)
     assert code == 2 and "not empty" in err and (out / "keep.txt").exists()
+    code, err = run(src, out, "--force")  # --force replaces only a shard folder: this one holds notes alone
+    assert code == 2 and "not a shard folder" in err and (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    assert run(src, out)[0] == 0
     code, err = run(src, out, "--force")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert (out / "manifest.json").exists()
 
 
 def test_failure_with_force_keeps_previous_output(src, tmp_path):

@@ -89,3 +89,27 @@ def test_cpu_capable_configs_train_one_step():
                           env=stage_env(), cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("OK ") == len(runnable)
+
+
+def test_monitor_sections_are_accepted_and_are_not_part_of_a_runs_identity(tmp_path):
+    from distseg.engine.dsconfig import monitor_sections, training_sections
+    from distseg.stages.config import StageConfig
+
+    shipped = load_ds_config(REPO / "ds_configs" / "cpu_fp32.json")
+    sections = {"tensorboard": {"enabled": True, "output_path": "/elsewhere"}, "csv_monitor": {"enabled": True},
+                "wandb": {"enabled": False, "project": "p"}}
+    path = tmp_path / "monitored.json"
+    path.write_text(json.dumps({**shipped, **sections}))
+    cfg = load_ds_config(path)
+    assert training_sections(cfg) == shipped
+    plain = StageConfig(kind="finetune", parent="p", ds_config=str(REPO / "ds_configs" / "cpu_fp32.json"))
+    monitored = StageConfig(kind="finetune", parent="p", ds_config=str(path))
+    assert monitored.identity(1)["ds_config_resolved"] == plain.identity(1)["ds_config_resolved"], \
+        "where the scalars go does not make another run"
+    stage = tmp_path / "stage"
+    got = monitor_sections(cfg, stage, tensorboard_default=True)
+    assert got["tensorboard"] == {"enabled": True, "output_path": "/elsewhere", "job_name": "tensorboard"}
+    assert got["csv_monitor"] == {"enabled": True, "output_path": str(stage), "job_name": "csv"}
+    assert monitor_sections({}, stage, tensorboard_default=True) == {
+        "tensorboard": {"enabled": True, "output_path": str(stage), "job_name": "tensorboard"}}
+    assert monitor_sections({}, stage, tensorboard_default=False) == {}

@@ -59,7 +59,10 @@ def first_run(recipe) -> tuple[Path, str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_run_writes_results_for_every_eval_stage(first_run):
-    out, _ = first_run
+    out, output = first_run
+    assert f"tensorboard --logdir {out}" in output
+    assert (out / "logs" / "head.log").read_text().startswith("==== ")
+    assert (out / "head" / "tensorboard").is_dir()
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["row"], r["stage"], r["split"]) for r in rows] == [("teacher", "head", "test"),

@@ -70,24 +70,39 @@ def test_existing_run_is_not_overwritten(tmp_path, target_shards, finished_head,
     assert _snapshot(finished_head) == before
 
 
-def test_corrupt_checkpoint_is_refused(tmp_path, target_shards, finished_head, init_weights):
+def test_corrupt_checkpoints_fall_back_then_are_refused(tmp_path, target_shards, finished_head, init_weights):
     import shutil
 
-    run = tmp_path / "run"
-    shutil.copytree(finished_head, run)
-    record = json.loads((run / "stage.json").read_text())
-    latest = sorted((run / "checkpoint").glob("step*"))[-1] / "mp_rank_00_model_states.pt"
-    latest.write_bytes(latest.read_bytes()[:100])
-    config = run / "config.yaml"
     import yaml
 
-    stage = record["config"]
-    stage.pop("ds_config_resolved")
-    config.write_text(yaml.safe_dump({k: v for k, v in stage.items() if k not in ("kind",)}))
-    before = _snapshot(run)
+    from distseg.folders import LOCK_NAME
+
+    def copy_with_config(name):
+        run = tmp_path / name
+        shutil.copytree(finished_head, run)
+        stage = json.loads((run / "stage.json").read_text())["config"]
+        stage.pop("ds_config_resolved")
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({k: v for k, v in stage.items() if k not in ("kind",)}))
+        return run, config
+
+    def truncate(tag_dir):
+        path = tag_dir / "mp_rank_00_model_states.pt"
+        path.write_bytes(path.read_bytes()[:100])
+
+    run, config = copy_with_config("newest_bad")
+    tags = sorted((run / "checkpoint").glob("step*"))
+    truncate(tags[-1])
+    proc = launch("finetune_head.py", "--config", str(config), "--out", str(run), "--resume")
+    assert f"warning: not resuming from {tags[-1].name}" in proc.stdout and "mp_rank_00_model_states.pt" in proc.stdout
+    assert f"resumed {run} at step 1" in proc.stdout and json.loads((run / "stage.json").read_text())["finished"]
+    run, config = copy_with_config("all_bad")
+    for tag in (run / "checkpoint").glob("step*"):
+        truncate(tag)
+    before = {k: v for k, v in _snapshot(run).items() if k.name != LOCK_NAME}
     proc = launch("finetune_head.py", "--config", str(config), "--out", str(run), "--resume", check=False)
-    _fails(proc, "mp_rank_00_model_states.pt")
-    assert _snapshot(run) == before
+    _fails(proc, "no usable checkpoint", "mp_rank_00_model_states.pt")
+    assert {k: v for k, v in _snapshot(run).items() if k.name != LOCK_NAME} == before
 
 
 def test_fisher_command_covers_every_parameter(finished_head, target_shards):

@@ -71,6 +71,26 @@ def test_ssl_logs_pseudo_label_statistics(chain):
     assert (chain / "ssl" / "student.safetensors").is_file()
 
 
+def test_every_stage_writes_tensorboard_scalars_from_rank_0(chain):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in ("head", "distill", "ssl"):
+        folder = chain / name / "tensorboard"
+        assert len(list(folder.glob("events.out.tfevents.*"))) == 1, "one writer: rank 0"
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        wanted = {"train/loss", "train/sup", "train/lr", "train/images_per_s", "train/skipped_steps", "eval/score",
+                  "Train/Samples/lr"}  # the last one is DeepSpeed's own, per optimizer step
+        model = "teacher" if name == "ssl" else "student"
+        wanted |= {f"eval/{model}/miou", f"eval/{model}/pixel_acc"} | ({"train/kept_fraction"} if name == "ssl" else set())
+        assert wanted <= tags, sorted(wanted - tags)
+        assert any(t.startswith(f"eval/{model}/per_class_iou/") for t in tags), "per-class IoU by class name"
+        logged = [m for m in _metrics(chain / name) if "loss" in m]
+        scalars = {e.step: e.value for e in events.Scalars("train/loss")}
+        assert scalars == pytest.approx({m["step"]: m["loss"] for m in logged})
+
+
 def test_exported_weights_reproduce_eval_miou(chain, target_shards, tmp_path):
     launch("evaluate.py", str(chain / "distill"), "--data", str(target_shards), "--split", "val", "--no-sliding",
            "--out", str(tmp_path))

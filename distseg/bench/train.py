@@ -88,7 +88,7 @@ def time_steps(trainer, cfg: BenchConfig, env, progress=None) -> dict[str, Any]:
     streams = list(trainer.streams.values())
 
     def step():
-        return train_step(trainer.task, trainer.engine, trainer.streams, env.device)
+        return train_step(trainer.task, trainer.engine, trainer.streams, env.device, guard=trainer.guard)
 
     reset_peak_memory(env.device)
     with grad_checkpointing_off(trainer.engine.module):

@@ -49,13 +49,11 @@ def _shard_parameters() -> list[inspect.Parameter]:
 
 def shard_data(out: Path, force: bool, **options: Any) -> None:
     """Validate, tile, split and write a dataset as WebDataset shards with a manifest."""
-    from distseg.data.errors import DataError
     from distseg.data.shard import shard_dataset
+    from distseg.errors import reported
 
-    try:
+    with reported():
         manifest = shard_dataset(out, force=force, progress=True, **options)
-    except DataError as exc:
-        _fail(str(exc))
     counts = ", ".join(f"{name}: {s['samples']}" for name, s in manifest["splits"].items())
     typer.echo(f"wrote {len(manifest['shards'])} shards to {out} ({counts})")
 

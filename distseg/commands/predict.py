@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import typer
 
+from distseg.limits import MAX_PIXELS
+
 _TABLES_MAX = 5
 """Up to this many inputs get a table each; more get one combined table."""
 
@@ -53,43 +55,64 @@ def predict(
     overlay: bool = typer.Option(False, "--overlay", help="Write class colours blended over the input."),
     confidence: bool = typer.Option(False, "--confidence", help="Write the per-pixel confidence (0-255)."),
     chunk_width: int = typer.Option(4096, "--chunk-width", help="Columns held in memory at once (bounds memory)."),
+    max_pixels: int = typer.Option(MAX_PIXELS, "--max-pixels", help="Refuse PNG/JPEG inputs with more pixels "
+                                   "(decoded whole; a decompression bomb guard). GeoTIFFs are read by windows."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table."),
 ) -> None:
     """Sliding-window prediction with blended overlaps: index mask, colour map, overlay, confidence, areas."""
-    from distseg.config import ConfigError
-    from distseg.data.errors import DataError
-    from distseg.engine.checkpoint import CheckpointError
-    from distseg.inference.errors import PredictError
+    from distseg.errors import describe, reported
     from distseg.inference.summary import combine, print_summary
-    from distseg.models.weights import WeightsError
-    from distseg.engine.distributed import init_distributed
-    from distseg.predict import PredictConfig, predict_paths, resolve_device
+    from distseg.predict import PredictConfig
 
     try:
         cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, dtype=dtype, device=device,
                             chunk_width=chunk_width, bands=_parse_bands(bands), scale=scale, color=color,
-                            overlay=overlay, confidence=confidence, force=force)
+                            overlay=overlay, confidence=confidence, force=force, max_pixels=max_pixels)
     except ValueError as exc:
-        _fail(str(exc))
-    try:
-        torch_device = resolve_device(cfg.device)
-        env = init_distributed(device=torch_device.type, single_process_group=False)
-        rank, world_size = env.rank, env.world_size
-        try:
-            model, class_map = _load(weights, torch_device, model_config, classes)
-            summaries = predict_paths(model, class_map, inputs, out, cfg, torch_device, progress=not quiet)
-        finally:
-            if world_size > 1:
-                import torch.distributed
-
-                torch.distributed.destroy_process_group()
-    except (PredictError, CheckpointError, DataError, ConfigError, WeightsError) as exc:
-        _fail(str(exc))
+        _fail(describe(exc))
+    with reported():
+        rank, summaries = _predict_into(out, cfg, weights, inputs, model_config, classes, quiet)
     if rank == 0 and not quiet:
         for summary in summaries if len(summaries) <= _TABLES_MAX else [combine(summaries)]:
             print_summary(summary)
         typer.echo(f"wrote {len(summaries)} prediction(s) to {out} (per-file areas in <name>_summary.json)")
+
+
+def _predict_into(out: Path, cfg, weights: Path, inputs: List[Path], model_config: Optional[Path],
+                  classes: Optional[Path], quiet: bool) -> tuple[int, list]:
+    """Load the model and predict every input into ``out``; (this rank, its summaries). A failure before any
+    output exists leaves no empty output folder behind."""
+    from distseg.engine.distributed import init_distributed
+    from distseg.predict import predict_paths, resolve_device
+
+    created = _writable(out)
+    try:
+        torch_device = resolve_device(cfg.device)
+        env = init_distributed(device=torch_device.type, single_process_group=False)
+        try:
+            model, class_map = _load(weights, torch_device, model_config, classes)
+            return env.rank, predict_paths(model, class_map, inputs, out, cfg, torch_device, progress=not quiet)
+        finally:
+            if env.world_size > 1:
+                import torch.distributed
+
+                torch.distributed.destroy_process_group()
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _writable(out: Path) -> bool:
+    """Fail before any work when ``--out`` cannot be created or written; returns whether it was created here."""
+    import tempfile
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".distseg-probe-"):
+        pass
+    return created
 
 
 def _load(weights: Path, device: object, model_config: Optional[Path], classes: Optional[Path]) -> tuple:

@@ -7,36 +7,39 @@ from typing import Optional
 import typer
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
 def _parse_vars(items: list[str]) -> dict[str, str]:
+    from distseg.errors import fail
+
     out = {}
     for item in items:
         if "=" not in item:
-            _fail(f"--var {item!r}: expected NAME=VALUE")
+            fail(f"--var {item!r}: expected NAME=VALUE")
         key, value = item.split("=", 1)
         out[key.strip()] = value
     return out
 
 
 def _execute(action) -> dict:
-    """Run ``action``; bad input becomes one error line and exit status 2, a failed stage its log tail and 1."""
-    from distseg.config import ConfigError
-    from distseg.data.errors import DataError
-    from distseg.pipeline import RecipeError, StageFailed
+    """Run ``action``; bad input becomes one error line and exit status 2, a failed stage its log tail and 1, a
+    SIGINT/SIGTERM (after the stage was stopped) one line and 128 + the signal number."""
+    import signal
+
+    from distseg.errors import reported
+    from distseg.pipeline import StageFailed
+    from distseg.supervise import Interrupted, raise_on_terminate
 
     try:
-        return action()
+        with raise_on_terminate(), reported():
+            return action()
     except StageFailed as exc:
         typer.echo(exc.tail, err=True)
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)
-    except (RecipeError, ConfigError, DataError) as exc:
-        _fail(str(exc))
-    return {}
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        typer.echo(f"error: stopped by {signal.Signals(signum).name}; the running stage was stopped too (run the "
+                   f"same command to resume)", err=True)
+        raise typer.Exit(128 + signum)
 
 
 def run(
@@ -46,12 +49,15 @@ def run(
     var: list[str] = typer.Option([], "--var", help="Recipe variable NAME=VALUE (repeatable); beats the "
                                                     "environment and the recipe's vars."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print each stage's command; run nothing."),
+    launch: list[str] = typer.Option([], "--launch", help="Multi-node setting KEY=VALUE of the recipe's launch: "
+                                                          "block (repeatable): num_nodes, hostfile, master_addr, "
+                                                          "master_port, node_rank, rdzv_endpoint, rdzv_id, ..."),
 ) -> None:
     """Run a recipe's stages in order: skip finished ones, resume interrupted ones, then write results.md/.csv."""
     from distseg.pipeline import run_recipe
 
     variables = _parse_vars(var)
-    _execute(lambda: run_recipe(recipe, variables=variables, out=out, dry_run=dry_run))
+    _execute(lambda: run_recipe(recipe, variables=variables, out=out, dry_run=dry_run, launch=launch))
 
 
 def demo(

@@ -15,18 +15,18 @@ def fisher(
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """(Re)compute a stage's diagonal Fisher information into STAGE/fisher.safetensors, for the next stage's EWC."""
-    from distseg.config import ConfigError, from_dict
-    from distseg.data.errors import DataError
+    from distseg.config import from_dict
     from distseg.data.stream import StreamConfig
     from distseg.engine.checkpoint import CheckpointError, read_stage
+    from distseg.errors import reported
     from distseg.fisher import fisher_for_stage
 
-    try:
+    with reported():
         config = read_stage(stage)["config"]
-        stream = from_dict(StreamConfig, config["data"]["stream"], where=f"{stage}/stage.json")
-        path = fisher_for_stage(stage, data or config["data"]["shards"], split or config["data"]["train_split"],
-                                stream, batches, batch_size=batch_size, device=device)
-    except (ConfigError, DataError, CheckpointError, KeyError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+        try:
+            stream = from_dict(StreamConfig, config["data"]["stream"], where=f"{stage}/stage.json")
+            data, split = data or config["data"]["shards"], split or config["data"]["train_split"]
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{stage}/stage.json: incomplete stage record (no {exc})") from None
+        path = fisher_for_stage(stage, data, split, stream, batches, batch_size=batch_size, device=device)
     typer.echo(f"wrote {path}")

@@ -8,12 +8,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from distseg.data.errors import DataError
+from distseg.limits import MAX_PIXELS, check_pixels, pil_cap_off
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 PASS_THROUGH = {"JPEG": "jpg", "PNG": "png"}
 """Encoded formats stored in shards byte-for-byte (other formats are re-encoded as PNG)."""
 
-Image.MAX_IMAGE_PIXELS = None  # aerial rasters are legitimately huge; tiling handles the size
 
 
 def list_images(folder: Path, what: str) -> dict[str, Path]:
@@ -33,33 +33,44 @@ def list_images(folder: Path, what: str) -> dict[str, Path]:
     return files
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header only, without decoding pixels."""
+def _checked(path: Path, im: Image.Image, max_pixels: int) -> Image.Image:
+    problem = check_pixels(*im.size, max_pixels)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return im
+
+
+def image_size(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the file header only, without decoding pixels; an image over ``max_pixels`` is an
+    error, so a decompression bomb is refused before anything is decoded or written."""
     try:
-        with Image.open(path) as im:
-            return im.size
+        with pil_cap_off(), Image.open(path) as im:
+            return _checked(path, im, max_pixels).size
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
 
 
-def _open_decoded(path: Path, data: bytes) -> Image.Image:
-    """Fully decode ``data``; truncated or corrupt files raise DataError."""
+def _open_decoded(path: Path, data: bytes, max_pixels: int) -> Image.Image:
+    """Fully decode ``data`` (refusing more than ``max_pixels``); truncated or corrupt files raise DataError."""
     try:
-        im = Image.open(io.BytesIO(data))
-        im.load()
+        with pil_cap_off():
+            im = Image.open(io.BytesIO(data))
+        _checked(path, im, max_pixels).load()
         return im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"{path}: unreadable or truncated image ({exc})") from None
 
 
-def load_image(path: Path) -> tuple[np.ndarray, bytes, str | None]:
+def load_image(path: Path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bytes, str | None]:
     """Decode an image to uint8 H×W×3.
 
     Returns the pixels, the file's bytes and the shard extension under which those bytes can be
     stored unchanged (None when the file must be re-encoded: tif, or a mode other than RGB).
     """
     data = Path(path).read_bytes()
-    im = _open_decoded(path, data)
+    im = _open_decoded(path, data, max_pixels)
     ext = PASS_THROUGH.get(im.format or "") if im.mode == "RGB" else None
     if im.mode not in ("RGB", "RGBA", "L", "P", "LA", "CMYK", "YCbCr"):
         raise DataError(f"{path}: unsupported image mode {im.mode} (expected 8-bit RGB, grey or palette)")
@@ -67,9 +78,9 @@ def load_image(path: Path) -> tuple[np.ndarray, bytes, str | None]:
     return rgb, data, ext
 
 
-def load_mask(path: Path, rgb: bool) -> np.ndarray:
+def load_mask(path: Path, rgb: bool, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode a mask: H×W×3 colours when ``rgb`` (palette PNGs are expanded), else H×W values."""
-    im = _open_decoded(path, Path(path).read_bytes())
+    im = _open_decoded(path, Path(path).read_bytes(), max_pixels)
     if im.mode in ("RGB", "RGBA") or (rgb and im.mode in ("P", "PA")):
         return np.asarray(im.convert("RGB"))
     if im.mode in ("L", "P", "I", "I;16", "I;16B", "1"):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distseg.data.errors import DataError
+from distseg.limits import MAX_PIXELS
 
 
 def _opt(default: Any, help: str, *, layout: bool = True) -> Any:
@@ -40,6 +41,8 @@ class ShardOptions:
     seed: int = _opt(0, "Seed of the split, the labelled subset and the in-shard sample order.")
     shard_size: str | int = _opt("1000", "Target shard size: a sample count (1000) or a size (64MB).")
     unknown: str = _opt("error", "Mask values not in the class map: 'error' or 'ignore'.")
+    max_pixels: int = _opt(MAX_PIXELS, "Refuse images whose header claims more pixels than this (a decompression "
+                                       "bomb); raise it for real rasters that large.", layout=False)
 
     def __post_init__(self) -> None:
         for name in ("images", "masks", "unlabeled", "classes"):
@@ -52,6 +55,8 @@ class ShardOptions:
             raise DataError(f"--overlap {self.overlap}: must be >= 0 and smaller than --tile")
         if not 0 < self.labeled_fraction <= 1:
             raise DataError(f"--labeled-fraction {self.labeled_fraction}: must be in (0, 1]")
+        if self.max_pixels < 1:
+            raise DataError(f"--max-pixels {self.max_pixels}: must be a positive pixel count")
         if self.unknown not in ("error", "ignore"):
             raise DataError(f"--unknown {self.unknown!r}: must be 'error' or 'ignore'")
         if self.masks is not None and self.images is None:

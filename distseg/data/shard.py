@@ -20,11 +20,12 @@ import numpy as np
 from distseg.data.classes import ClassMap, Unknown
 from distseg.data.errors import DataError
 from distseg.data.imageio import encode_png, image_size, list_images, load_image, load_mask
-from distseg.data.manifest import FORMAT, read_manifest, write_manifest
+from distseg.data.manifest import FORMAT, MANIFEST, read_manifest, write_manifest
 from distseg.data.options import ShardOptions
 from distseg.data.splitting import assign_splits, group_of, labeled_subset, parse_assign, parse_ratio, stable_hash
 from distseg.data.tiling import crop_padded, is_whole, tile_grid
 from distseg.data.writer import ShardLimit, SplitWriter, parse_shard_size
+from distseg.folders import check_replaceable
 
 __all__ = ["shard_dataset", "read_manifest", "DataError", "ShardOptions"]
 
@@ -74,13 +75,13 @@ def _collect(images: Path | None, masks: Path | None, unlabeled: Path | None,
 
 
 def _plan(sources: list[Source], tile: int | None, overlap: int, ratios: dict[str, float], seed: int,
-          pinned: dict[str, str]) -> None:
+          pinned: dict[str, str], max_pixels: int) -> None:
     """Fill in sizes, crops, keys and the split of every labelled source, from file headers only."""
     seen: dict[str, Path] = {}
     for src in sources:
-        src.width, src.height = image_size(src.image)
-        if src.mask is not None and image_size(src.mask) != (src.width, src.height):
-            mw, mh = image_size(src.mask)
+        src.width, src.height = image_size(src.image, max_pixels)
+        if src.mask is not None and image_size(src.mask, max_pixels) != (src.width, src.height):
+            mw, mh = image_size(src.mask, max_pixels)
             raise DataError(f"{src.mask}: mask size {mw}x{mh} differs from its image {src.image.name} "
                             f"({src.width}x{src.height})")
         src.crops = tile_grid(src.width, src.height, tile, overlap)
@@ -101,14 +102,14 @@ def _tile_splits(sources: list[Source], labeled_fraction: float, seed: int) -> d
     return {k: ("unlabeled" if s.split == "train" and k not in kept else s.split) for s in sources for k in s.keys}
 
 
-def _samples(src: Source, splits: dict[str, str], class_map: ClassMap | None,
-             unknown: Unknown) -> Iterator[tuple[str, dict[str, Any], np.ndarray | None]]:
+def _samples(src: Source, splits: dict[str, str], class_map: ClassMap | None, unknown: Unknown,
+             max_pixels: int) -> Iterator[tuple[str, dict[str, Any], np.ndarray | None]]:
     """Decode one source once and yield (split, webdataset sample, index mask or None) per crop."""
-    pixels, raw, ext = load_image(src.image)
+    pixels, raw, ext = load_image(src.image, max_pixels)
     index = None
     if src.mask is not None and class_map is not None:
         has_colors = any(e.color is not None for e in class_map.entries)
-        index = class_map.encode(load_mask(src.mask, rgb=has_colors), src.mask, unknown)
+        index = class_map.encode(load_mask(src.mask, rgb=has_colors, max_pixels=max_pixels), src.mask, unknown)
     order = sorted(range(len(src.crops)), key=lambda i: stable_hash("tile", src.keys[i]))
     for i in order:
         crop, key = src.crops[i], src.keys[i]
@@ -129,16 +130,30 @@ def _samples(src: Source, splits: dict[str, str], class_map: ClassMap | None,
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
-    """Refuse a non-empty OUT without --force; return the temporary sibling folder to write into."""
+    """Refuse a non-empty OUT without --force (and, with it, one that is not a shard folder); return the temporary
+    sibling folder to write into, after removing those left by killed runs."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise DataError(f"{out}: folder is not empty (use --force to replace it)")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise DataError(f"{out}: folder is not empty (use --force to replace it)")
+        check_replaceable(out, MANIFEST, "shard folder")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete ``.OUT.partial-PID`` folders whose process is gone (a shard-data that was killed mid-write)."""
+    from distseg.supervise import alive
+
+    for tmp in out.parent.glob(f".{out.name}.partial-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _progress(enabled: bool, total: int) -> Any:
@@ -171,11 +186,11 @@ def shard_dataset(out: str | Path, *, force: bool = False, command: list[str] | 
         raise DataError("nothing to shard: give --images (with --masks for labelled data) and/or --unlabeled")
     class_map = ClassMap.from_file(opts.classes) if opts.classes is not None else None
     sources = _collect(*(Path(v) if v else None for v in (opts.images, opts.masks, opts.unlabeled)), opts.pattern())
-    _plan(sources, opts.tile, opts.overlap, ratios, opts.seed, pinned)
+    _plan(sources, opts.tile, opts.overlap, ratios, opts.seed, pinned, opts.max_pixels)
     splits = _tile_splits(sources, opts.labeled_fraction, opts.seed)
     tmp = _prepare_out(out, force)
     try:
-        stats = _write_all(tmp, sources, splits, class_map, opts.unknown, limit, opts.seed, progress)
+        stats = _write_all(tmp, sources, splits, class_map, opts, limit, progress)
         manifest = _manifest(stats, class_map, command or opts.command(out), opts.layout())
         write_manifest(tmp, manifest)
         if out.exists():
@@ -187,16 +202,16 @@ def shard_dataset(out: str | Path, *, force: bool = False, command: list[str] | 
 
 
 def _write_all(tmp: Path, sources: list[Source], splits: dict[str, str], class_map: ClassMap | None,
-               unknown: Unknown, limit: ShardLimit, seed: int, progress: bool) -> dict[str, SplitWriter]:
+               opts: ShardOptions, limit: ShardLimit, progress: bool) -> dict[str, SplitWriter]:
     """Decode sources in a seeded order (so shards mix scenes) and stream their tiles to split writers."""
     writers: dict[str, SplitWriter] = {}
     num_classes = class_map.num_classes if class_map else 0
-    ordered = sorted(sources, key=lambda s: (stable_hash(seed, "order", s.image.name), s.image.name))
+    ordered = sorted(sources, key=lambda s: (stable_hash(opts.seed, "order", s.image.name), s.image.name))
     try:
         with _progress(progress, len(ordered)) as bar:
             task = bar.add_task("sharding", total=len(ordered)) if bar else None
             for src in ordered:
-                for name, sample, mask in _samples(src, splits, class_map, unknown):
+                for name, sample, mask in _samples(src, splits, class_map, opts.unknown, opts.max_pixels):
                     if name not in writers:
                         writers[name] = SplitWriter(tmp, name, limit, num_classes)
                     writers[name].write(sample, mask, src.image.name)

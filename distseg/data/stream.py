@@ -163,6 +163,8 @@ class ShardStream(IterableDataset):
         # Shared with the (persistent) workers: set_epoch in the main process reaches them.
         self.epoch = multiprocessing.Value("q", 0)
         self.corrupt = multiprocessing.Value("q", 0)
+        self.corrupt_total = multiprocessing.Value("q", 0)
+        """Corrupt samples skipped since this stream was built (never reset: what the run log reports)."""
         self.seen = multiprocessing.Value("q", 0)
 
     def plans(self) -> list[SlotPlan]:
@@ -186,6 +188,8 @@ class ShardStream(IterableDataset):
         with self.corrupt.get_lock():
             self.corrupt.value += 1
             corrupt = self.corrupt.value
+        with self.corrupt_total.get_lock():
+            self.corrupt_total.value += 1
         warnings.warn(f"{self.paths[ref.shard]}: skipping corrupt sample {ref.key!r}: {exc}", stacklevel=2)
         if corrupt > self.cfg.max_error_rate * planned:
             raise DataError(f"{self.paths[ref.shard].parent}: {corrupt} corrupt samples this epoch on rank "
@@ -296,6 +300,11 @@ class ShardLoader:
     def errors(self) -> dict[str, int]:
         """Corrupt (skipped) and read sample counts of the current or last epoch on this rank."""
         return {"corrupt": int(self.stream.corrupt.value), "seen": int(self.stream.seen.value)}
+
+    @property
+    def corrupt_total(self) -> int:
+        """Corrupt samples skipped on this rank since the loader was built, over all epochs."""
+        return int(self.stream.corrupt_total.value)
 
 
 def build_loader(shard_dir: str | Path | Sequence[str | Path], split: str, cfg: StreamConfig | None = None, *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -43,8 +44,11 @@ def git_revision() -> str | None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and rename, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_stage(folder: str | Path) -> dict[str, Any]:
@@ -77,22 +81,33 @@ def stage_record(kind: str, config: dict, class_map: dict, parent: str | None, *
             "metrics": {}, **extra}
 
 
+_PLAIN_CLASSES = {
+    "deepspeed.runtime.fp16.loss_scaler": ("LossScaler", "DynamicLossScaler"),
+    "deepspeed.utils.tensor_fragment": ("fragment_address",),
+    "deepspeed.runtime.zero.config": ("ZeroStageEnum",),
+}
+"""DeepSpeed classes found in its checkpoints that hold only numbers (loss scalers, an enum of the ZeRO stage,
+parameter fragment addresses): ZeRO >= 1 optimizer files pickle all of them."""
+
+
 def _safe_globals() -> list:
-    """DeepSpeed classes that appear in its optimizer checkpoints and hold only numbers."""
-    names = []
-    try:
-        from deepspeed.runtime.fp16 import loss_scaler
+    """The importable classes of :data:`_PLAIN_CLASSES` (a DeepSpeed version may lack some)."""
+    import importlib
 
-        names += [getattr(loss_scaler, n) for n in ("LossScaler", "DynamicLossScaler") if hasattr(loss_scaler, n)]
-    except ImportError:
-        pass
-    try:
-        from deepspeed.utils.tensor_fragment import fragment_address
+    found = []
+    for module, names in _PLAIN_CLASSES.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(mod, name) for name in names if hasattr(mod, name)]
+    return found
 
-        names.append(fragment_address)
-    except ImportError:
-        pass
-    return names
+
+def safe_load(path: str | Path, map_location=None) -> Any:
+    """``torch.load`` that can never run pickled code: tensors, containers and the allow-listed plain classes."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def make_safe_checkpoint_engine(config_params=None):
@@ -102,20 +117,59 @@ def make_safe_checkpoint_engine(config_params=None):
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
             try:
-                with torch.serialization.safe_globals(_safe_globals()):
-                    return torch.load(path, map_location=map_location, weights_only=True)
+                return safe_load(path, map_location)
             except Exception as exc:  # any unpickling or I/O failure means the checkpoint is unusable
-                raise CheckpointError(f"{path}: unreadable checkpoint: {exc}") from exc
+                raise CheckpointError(f"{path}: unreadable checkpoint: {_first_line(exc)}") from exc
 
     return SafeTorchCheckpointEngine(config_params)
 
 
-def latest_complete_tag(ckpt_dir: Path) -> str | None:
-    """The newest checkpoint tag that was completely written (has a COMPLETE marker)."""
+def _first_line(exc: BaseException) -> str:
+    """An exception as one short line (torch's unpickling errors run to many lines of advice)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+_RANKED = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)")
+"""Checkpoint files that belong to one data-parallel rank (its ZeRO optimizer partition, its RNG state)."""
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Checkpoint tags that were completely written (have a COMPLETE marker), newest first."""
     if not ckpt_dir.is_dir():
-        return None
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
-    return tags[-1] if tags else None
+        return []
+    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file()), reverse=True)
+
+
+def tag_problem(tag_dir: Path, rank: int) -> str | None:
+    """Why ``rank`` cannot resume from ``tag_dir``, or None when every file it will read loads.
+
+    A resume reads the shared files and this rank's own ones; each is loaded here first (torch files with the safe
+    loader, safetensors fully), so a truncated or garbled file sends every rank to an older tag together instead
+    of failing one rank inside DeepSpeed's load. Bit flips inside tensor data are not detectable this way.
+    """
+    from safetensors.torch import load_file
+
+    if not (tag_dir / f"rng_rank{rank}.pt").is_file():
+        return f"{tag_dir}: rng_rank{rank}.pt is missing"
+    for path in sorted(tag_dir.iterdir()):
+        owner = _RANKED.match(path.name)
+        if owner and int(owner.group(1)) != rank:
+            continue
+        try:
+            if path.suffix == ".pt":
+                safe_load(path, map_location="cpu")
+            elif path.suffix == ".safetensors":
+                load_file(str(path))
+        except Exception as exc:  # unreadable in any way: this tag cannot be resumed from
+            return f"{path}: unreadable ({_first_line(exc)})"
+    return None
+
+
+def mark_unusable(tag_dir: Path, problem: str) -> None:
+    """Retire a damaged tag: its COMPLETE marker becomes UNUSABLE (with the reason), so no resume picks it again."""
+    (tag_dir / "UNUSABLE").write_text(problem + "\n")
+    (tag_dir / COMPLETE).unlink(missing_ok=True)
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:

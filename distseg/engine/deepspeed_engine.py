@@ -1,6 +1,7 @@
 """Build the DeepSpeed engine around the student (the only module that DeepSpeed owns)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -8,7 +9,9 @@ from torch import nn
 
 from distseg.engine.checkpoint import make_safe_checkpoint_engine
 from distseg.engine.distributed import DistEnv
-from distseg.engine.dsconfig import check_device_support, load_ds_config, resolve_ds_config
+from distseg.engine.dsconfig import (check_device_support, load_ds_config, monitor_sections, resolve_ds_config,
+                                     training_sections)
+from distseg.engine.finite import StepGuard, guarded
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup: int, power: float):
@@ -25,20 +28,26 @@ def lr_lambda(schedule: str, total_steps: int, warmup: int, power: float):
     return factor
 
 
-def make_optimizer(params: list[nn.Parameter], optim) -> torch.optim.Optimizer:
-    """The client optimizer named by ``optim.name`` (an ``OptimConfig``)."""
+def make_optimizer(params: list[nn.Parameter], optim, guard: StepGuard | None = None) -> torch.optim.Optimizer:
+    """The client optimizer named by ``optim.name`` (an ``OptimConfig``); with a ``guard``, a step with a
+    non-finite loss or gradient is skipped on every rank (:mod:`distseg.engine.finite`)."""
     if optim.name == "adamw":
-        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
-    return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        optimizer = guarded(torch.optim.AdamW)(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    else:
+        optimizer = guarded(torch.optim.SGD)(params, lr=optim.lr, momentum=optim.momentum,
+                                             weight_decay=optim.weight_decay)
+    optimizer.guard = guard
+    return optimizer
 
 
 def build_engine(model: nn.Module, params: Iterable[nn.Parameter], *, ds_config: str, optim, total_steps: int,
                  env: DistEnv, micro_batch: int | None = None, grad_accum: int | None = None,
-                 global_batch: int | None = None) -> tuple[Any, dict]:
+                 global_batch: int | None = None, guard: StepGuard | None = None) -> tuple[Any, dict]:
     """Wrap ``model`` in a DeepSpeed engine with the client optimizer + poly LR over ``params``.
 
     Returns the engine and the resolved DeepSpeed config. Frozen or EMA teachers must stay outside: DeepSpeed
-    would otherwise partition, broadcast and checkpoint them as if they were trained.
+    would otherwise partition, broadcast and checkpoint them as if they were trained. The config's monitor sections
+    are held back: they are attached by :func:`attach_monitor` once the stage folder exists.
     """
     import deepspeed
 
@@ -48,13 +57,34 @@ def build_engine(model: nn.Module, params: Iterable[nn.Parameter], *, ds_config:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters were given to the optimizer")
-    optimizer = make_optimizer(params, optim)
+    optimizer = make_optimizer(params, optim, guard)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(optim.schedule, total_steps, optim.warmup_steps, optim.poly_power))
     engine, _, _, _ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=cfg, dist_init_required=False)
+                                           config=training_sections(cfg), dist_init_required=False)
     engine.checkpoint_engine = make_safe_checkpoint_engine()
     return engine, cfg
+
+
+def tensorboard_available() -> bool:
+    """Whether DeepSpeed's TensorBoard monitor can run here (it writes through ``torch.utils.tensorboard``)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def attach_monitor(engine, cfg: dict, folder: Path) -> None:
+    """Give the engine DeepSpeed's monitor for the config's ``tensorboard`` / ``csv_monitor`` / ``wandb`` sections,
+    writing into the stage folder; TensorBoard is on by default when it is installed. Rank 0 writes.
+
+    Built only now, after the folder is prepared, so a refused run writes nothing and a restart does not delete a
+    writer's open files. DeepSpeed then adds its own per-step events (``Train/Samples/lr``, fp16 loss scale).
+    """
+    from deepspeed.monitor.config import get_monitor_config
+    from deepspeed.monitor.monitor import MonitorMaster
+
+    sections = monitor_sections(cfg, folder, tensorboard_default=tensorboard_available())
+    engine.monitor = MonitorMaster(get_monitor_config(sections))
 
 
 def autocast_context(cfg: dict, device: torch.device):

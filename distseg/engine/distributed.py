@@ -86,6 +86,24 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (small picklable metadata), in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_counts(counts: list[int], device: torch.device) -> list[int]:
+    """Integer counters summed over ranks (one small all-reduce; a host sync, for logging intervals only)."""
+    if not counts or world_size() == 1:
+        return list(counts)
+    flat = torch.tensor(counts, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return [int(round(v)) for v in flat.tolist()]
+
+
 def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     """Average a list of tensors across ranks in place, with one flat all-reduce."""
     if not tensors or world_size() == 1:

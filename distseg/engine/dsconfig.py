@@ -15,8 +15,11 @@ _KNOWN_SECTIONS = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "zero_optimization",
     "zero_allow_untested_optimizer", "fp16", "bf16", "torch_autocast", "gradient_clipping", "steps_per_print",
     "wall_clock_breakdown", "communication_data_type", "prescale_gradients", "checkpoint", "comms_logger",
-    "flops_profiler", "activation_checkpointing", "dump_state", "memory_breakdown",
+    "flops_profiler", "activation_checkpointing", "dump_state", "memory_breakdown", "tensorboard", "csv_monitor",
+    "wandb", "comet",
 }
+MONITOR_SECTIONS = ("tensorboard", "csv_monitor", "wandb", "comet")
+"""DeepSpeed's monitor sections: where scalars go, not how the model trains (so never part of a run's identity)."""
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
@@ -82,6 +85,27 @@ def resolve_ds_config(cfg: dict[str, Any], world_size: int, *, micro_batch: int 
     if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
         raise ConfigError(f"{source}: fp16 and bf16 cannot both be enabled")
     return cfg
+
+
+def training_sections(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config without its monitor sections: what decides the numbers a run produces."""
+    return {k: v for k, v in cfg.items() if k not in MONITOR_SECTIONS}
+
+
+def monitor_sections(cfg: dict[str, Any], folder: Path, tensorboard_default: bool) -> dict[str, Any]:
+    """The monitor sections of a stage writing into ``folder``: those the config gives, with their output paths
+    defaulting to the stage folder, plus TensorBoard when ``tensorboard_default`` and the config says nothing.
+
+    DeepSpeed writes to ``output_path/job_name``; the defaults make that ``<stage>/tensorboard`` and ``<stage>/csv``.
+    """
+    sections = {k: copy.deepcopy(cfg[k]) for k in MONITOR_SECTIONS if k in cfg}
+    if tensorboard_default and "tensorboard" not in sections:
+        sections["tensorboard"] = {"enabled": True}
+    for name, job in (("tensorboard", "tensorboard"), ("csv_monitor", "csv")):
+        if name in sections:
+            sections[name].setdefault("output_path", str(folder))
+            sections[name].setdefault("job_name", job)
+    return sections
 
 
 def precision(cfg: dict[str, Any]) -> str:

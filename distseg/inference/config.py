@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from distseg.limits import MAX_PIXELS
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -44,6 +46,8 @@ class PredictConfig:
     """Also write the per-pixel confidence (blended probability of the predicted class, 0-255)."""
     force: bool = False
     """Overwrite existing outputs instead of refusing."""
+    max_pixels: int = MAX_PIXELS
+    """Refuse a PNG/JPEG whose header claims more pixels (it is decoded whole); GeoTIFFs are read by windows."""
 
     def __post_init__(self) -> None:
         if self.tile < 16:
@@ -64,6 +68,8 @@ class PredictConfig:
             raise ValueError(f"bands must be three 1-based band numbers, got {self.bands}")
         if self.scale is not None and self.scale <= 0:
             raise ValueError(f"scale must be positive, got {self.scale}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
         if not 0.0 <= self.overlay_alpha <= 1.0:
             raise ValueError(f"overlay_alpha must be in [0, 1], got {self.overlay_alpha}")
 

@@ -14,6 +14,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from distseg.inference.errors import PredictError
+from distseg.limits import MAX_PIXELS, check_pixels, pil_cap_off
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 RASTER_SUFFIXES = (".tif", ".tiff")
@@ -84,6 +85,20 @@ def _default_scale(dtype: np.dtype, scale: float | None, path: Path) -> float:
                        f"brightness (e.g. 4095 for 12-bit or 65535 for 16-bit data)")
 
 
+def finite_pixels(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Float pixels with NaN/±inf replaced by 0, and where they were finite (None: integer data, all finite).
+
+    A non-finite input value is nodata: it is excluded from the output and, zeroed, cannot poison the
+    probabilities of the valid pixels that share its window.
+    """
+    if pixels.dtype.kind != "f":
+        return pixels, None
+    finite = np.isfinite(pixels).all(axis=-1)
+    if finite.all():
+        return pixels, None
+    return np.where(finite[..., None], pixels, 0).astype(pixels.dtype, copy=False), finite
+
+
 class ArrayReader:
     """A whole image held in memory (PNG/JPEG files, or arrays passed to ``predict_array``)."""
 
@@ -94,6 +109,9 @@ class ArrayReader:
             raise PredictError(f"{self.path}: expected an H×W×3 image, got shape {image.shape}")
         if valid is not None and valid.shape != image.shape[:2]:
             raise PredictError(f"{self.path}: valid mask shape {valid.shape} != image size {image.shape[:2]}")
+        image, finite = finite_pixels(image)
+        if finite is not None:
+            valid = finite if valid is None else valid & finite
         self.image = image
         self.valid = valid
         self.height, self.width = image.shape[:2]
@@ -112,18 +130,21 @@ class ArrayReader:
         """Nothing to release."""
 
 
-def _load_image(path: Path, bands: Sequence[int] | None, scale: float | None) -> ArrayReader:
+def _load_image(path: Path, bands: Sequence[int] | None, scale: float | None, max_pixels: int) -> ArrayReader:
     """Decode a PNG/JPEG; palette images count as RGB, other modes by their channel count."""
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with pil_cap_off():
+            img = Image.open(path)
+        with img:
+            problem = check_pixels(*img.size, max_pixels)
+            if problem:
+                raise PredictError(f"{path}: {problem}; or convert it to a tiled GeoTIFF (e.g. gdal_translate -co "
+                                   f"TILED=YES) so it is read window by window")
             if img.mode == "P":
                 img = img.convert("RGB")
             array = np.asarray(img)
-    except Image.DecompressionBombError:
-        raise PredictError(f"{path}: too large to decode in memory; convert it to a tiled GeoTIFF (e.g. "
-                           f"gdal_translate -co TILED=YES) so it is read window by window") from None
     except OSError as exc:
         raise PredictError(f"{path}: cannot read image: {exc}") from None
     if array.ndim == 2:
@@ -151,7 +172,9 @@ class RasterioReader:
             dtypes = {self.dataset.dtypes[b - 1] for b in self.bands}
             if len(dtypes) != 1:
                 raise PredictError(f"{path}: selected bands have different types {sorted(dtypes)}")
-            self.scale = _default_scale(np.dtype(dtypes.pop()), scale, path)
+            dtype = np.dtype(dtypes.pop())
+            self.scale = _default_scale(dtype, scale, path)
+            self.float_data = dtype.kind == "f"
         except PredictError:
             self.dataset.close()
             raise
@@ -164,12 +187,22 @@ class RasterioReader:
         return Window(x, y, w, h)
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """The window's pixels, non-finite float values zeroed (they are nodata: :meth:`read_valid`)."""
+        return finite_pixels(self._read(y, x, h, w))[0]
+
+    def _read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         return np.moveaxis(self.dataset.read(self.bands, window=self._window(y, x, h, w)), 0, -1)
 
     def read_valid(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """Valid where any selected band is valid (GDAL masks: nodata value, alpha or mask band)."""
+        """Valid where any selected band is valid (GDAL masks: nodata value, alpha or mask band) and every selected
+        band is finite (a float raster's NaN/inf pixels are nodata even without a nodata value)."""
         masks = self.dataset.read_masks(self.bands, window=self._window(y, x, h, w))
-        return masks.max(axis=0) > 0
+        valid = masks.max(axis=0) > 0
+        if self.float_data:
+            finite = finite_pixels(self._read(y, x, h, w))[1]
+            if finite is not None:
+                valid &= finite
+        return valid
 
     def close(self) -> None:
         self.dataset.close()
@@ -187,8 +220,9 @@ def gdal_env(path: Path, cache_mb: int) -> contextlib.AbstractContextManager:
     return rasterio.Env(GDAL_CACHEMAX=cache_mb * 2**20)
 
 
-def open_reader(path: str | Path, bands: Sequence[int] | None = None, scale: float | None = None) -> Reader:
-    """Open an input by suffix: PNG/JPEG in memory, TIFF/GeoTIFF windowed."""
+def open_reader(path: str | Path, bands: Sequence[int] | None = None, scale: float | None = None,
+                max_pixels: int = MAX_PIXELS) -> Reader:
+    """Open an input by suffix: PNG/JPEG in memory (at most ``max_pixels``), TIFF/GeoTIFF windowed."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
@@ -198,7 +232,7 @@ def open_reader(path: str | Path, bands: Sequence[int] | None = None, scale: flo
         raise PredictError(f"{path}: no such file")
     if suffix in RASTER_SUFFIXES:
         return RasterioReader(path, bands, scale)
-    return _load_image(path, bands, scale)
+    return _load_image(path, bands, scale, max_pixels)
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:

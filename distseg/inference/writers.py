@@ -7,9 +7,10 @@ written block by block in whole 256-row strips so each compressed TIFF tile is w
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -142,6 +143,21 @@ def _tiff_profile(kind: str, reader: Reader, ignore_index: int) -> dict[str, Any
     return profile
 
 
+@contextlib.contextmanager
+def _gdal_write_errors(paths: dict[str, Path]) -> Iterator[None]:
+    """GDAL's write failures (a full disk) as a PredictError naming the output folder (they are not OSErrors)."""
+    from rasterio._err import CPLE_BaseError
+    from rasterio.errors import RasterioError
+
+    try:
+        yield
+    except (CPLE_BaseError, RasterioError) as exc:
+        if isinstance(exc, OSError):
+            raise
+        folder = next(iter(paths.values())).parent
+        raise PredictError(f"{folder}: cannot write the GeoTIFF outputs: {exc}") from exc
+
+
 class GeoTiffOutputs:
     """Outputs of a raster, written window by window; rows are buffered into whole TIFF strips."""
 
@@ -154,21 +170,23 @@ class GeoTiffOutputs:
         self.datasets: dict[str, Any] = {}
         self.pending: list[Block] = []
         try:
-            for kind, path in self.paths.items():
-                dst = rasterio.open(partial_path(path), "w", **_tiff_profile(kind, reader, ignore_index))
-                self.datasets[kind] = dst
-                if kind == "mask":
-                    dst.write_colormap(1, {i: (*c, 255) for i, c in enumerate(colors)})
+            with _gdal_write_errors(self.paths):
+                for kind, path in self.paths.items():
+                    dst = rasterio.open(partial_path(path), "w", **_tiff_profile(kind, reader, ignore_index))
+                    self.datasets[kind] = dst
+                    if kind == "mask":
+                        dst.write_colormap(1, {i: (*c, 255) for i, c in enumerate(colors)})
         except BaseException:
             self.abort()
             raise
 
     def write(self, block: Block) -> None:
-        if self.pending and self.pending[0].x != block.x:
-            self._flush(everything=True)
-        self.pending.append(block)
-        if sum(b.labels.shape[0] for b in self.pending) >= TIFF_BLOCK:
-            self._flush(everything=False)
+        with _gdal_write_errors(self.paths):
+            if self.pending and self.pending[0].x != block.x:
+                self._flush(everything=True)
+            self.pending.append(block)
+            if sum(b.labels.shape[0] for b in self.pending) >= TIFF_BLOCK:
+                self._flush(everything=False)
 
     def _flush(self, everything: bool) -> None:
         """Write the pending rows: all of them, or the largest whole number of TIFF strips."""
@@ -190,9 +208,10 @@ class GeoTiffOutputs:
 
     def commit(self) -> None:
         try:
-            self._flush(everything=True)
-            for dst in self.datasets.values():
-                dst.close()
+            with _gdal_write_errors(self.paths):
+                self._flush(everything=True)
+                for dst in self.datasets.values():
+                    dst.close()
         except BaseException:
             self.abort()
             raise

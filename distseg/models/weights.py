@@ -32,8 +32,28 @@ class LoadReport:
     skipped_classifier: tuple[str, ...]
 
 
+def nonfinite_keys(state: StateDict) -> list[str]:
+    """Floating-point entries of a state dict that hold a NaN or ±inf (one host sync)."""
+    keys = [k for k, v in state.items() if v.is_floating_point()]
+    if not keys:
+        return []
+    flags = torch.stack([state[k].detach().isfinite().all() for k in keys]).tolist()
+    return [k for k, ok in zip(keys, flags) if not ok]
+
+
+def _refuse_nonfinite(state: StateDict, where: str, action: str) -> None:
+    """No NaN/inf weights are ever written or loaded: a diverged model is an error, not a result."""
+    bad = nonfinite_keys(state)
+    if bad:
+        raise WeightsError(f"{where}: refusing to {action} non-finite weights (NaN or inf in {len(bad)} of "
+                           f"{len(state)} tensors, e.g. {bad[0]}); the training that made them diverged")
+
+
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write ``model.state_dict()`` as safetensors (atomically), with optional string metadata."""
+    """Write ``model.state_dict()`` as safetensors (atomically), with optional string metadata.
+
+    Non-finite weights are refused, and a failed write (full disk) leaves no temporary file behind.
+    """
     from safetensors.torch import save_file
 
     metadata = dict(metadata or {})
@@ -41,10 +61,18 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
     if bad:
         raise WeightsError(f"{path}: safetensors metadata must map str to str; bad entries: {bad}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _refuse_nonfinite(tensors, str(path), "write")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors reports I/O failures (a full disk) as its own error type
+        raise WeightsError(f"{path}: cannot write weights ({type(exc).__name__}: {exc})") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -109,6 +137,7 @@ def load_weights(model: nn.Module, source: str | Path | StateDict, *, allow_clas
     """
     where = "state dict" if isinstance(source, Mapping) else str(source)
     state = _strip_wrapper_prefix(dict(source) if isinstance(source, Mapping) else read_state_dict(source))
+    _refuse_nonfinite(state, where, "load")
     own = model.state_dict()
     classifier = _classifier_keys(model)
     skipped, wrong = [], []

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from distseg.ops.finite import all_finite
+
 
 def _paired_tensors(teacher: nn.Module, student: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
     """(name, teacher tensor, student tensor) over parameters and buffers, checked name by name."""
@@ -105,14 +107,20 @@ class EMA:
     the scalar ``_foreach_lerp_`` fast path. With warm-up or a tensor flag (e.g. an on-device
     "step applied" from a GradScaler), the weight 1−α_eff is computed on the device, so the
     update never syncs with the host.
+
+    ``skip_nonfinite``: an update whose student holds a NaN or ±inf is skipped, so the teacher never averages a
+    diverged student. The test is one fused norm over the student and one host read of its flag per update: a
+    lerp by 0 is not a no-op against a NaN (0·NaN = NaN), so a device-side flag cannot protect the teacher.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, alpha: float = 0.999, warmup_steps: int = 0) -> None:
+    def __init__(self, teacher: nn.Module, student: nn.Module, alpha: float = 0.999, warmup_steps: int = 0,
+                 skip_nonfinite: bool = False) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"EMA alpha must be in [0, 1], got {alpha}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.teacher, self.alpha, self.warmup_steps = teacher, float(alpha), int(warmup_steps)
+        self.skip_nonfinite = skip_nonfinite
         teacher.requires_grad_(False)
         teacher.eval()
         pairs = _paired_tensors(teacher, student)
@@ -139,15 +147,21 @@ class EMA:
     @torch.no_grad()
     def update(self, step_applied: bool | Tensor = True) -> None:
         """Blend the student into the teacher, unless the optimizer step was not applied."""
+        if isinstance(step_applied, bool) and not step_applied:
+            return
+        if self.skip_nonfinite and not self.student_finite():
+            return
         if isinstance(step_applied, bool):
-            if not step_applied:
-                return
             if self.warmup_steps == 0:
                 self._lerp_scalar(1.0 - self.alpha)
                 self._count += 1
                 return
             step_applied = torch.ones((), dtype=torch.bool, device=self._count.device)
         self._lerp_tensor(step_applied.to(device=self._count.device, dtype=torch.bool))
+
+    def student_finite(self) -> bool:
+        """Whether the student holds no NaN or ±inf (one fused norm and one host read)."""
+        return bool(all_finite([t for g in self._float for t in g.student]))
 
     def _lerp_scalar(self, weight: float) -> None:
         """Fast path: constant weight, applied step."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -11,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from distseg.config import save_config
+from distseg.folders import user_entries
 from distseg.engine import checkpoint as ckpt
 from distseg.pipeline.plan import PlannedStage
 from distseg.pipeline.recipe import EVAL
 from distseg.stages.folder import same_run
+from distseg.supervise import parent_death_signal, stop_group, supervised_env
 
 LOG_NAME = "run.log"
 
@@ -24,7 +27,8 @@ class Decision:
     """What to do with one stage and why (shown in the summary)."""
 
     action: str
-    """'skip', 'resume', 'start' (empty folder) or 'restart' (folder replaced with --force)."""
+    """'skip', 'resume', 'start' (empty folder), 'restart' (stage folder replaced with --force) or 'refuse' (the
+    folder holds something distseg did not write: the run stops before it)."""
     reason: str
 
     @property
@@ -46,20 +50,23 @@ def _eval_is_current(stage: PlannedStage) -> bool:
 
 
 def decide(stage: PlannedStage, parent_reran: bool) -> Decision:
-    """Skip a finished stage with the same config; resume an interrupted one; otherwise (re)start it."""
+    """Skip a finished stage with the same config; resume an interrupted one; otherwise (re)start it. A folder
+    that is not a stage folder is refused: ``--force`` would delete what distseg did not write."""
     folder = stage.folder
     if stage.kind == EVAL:  # evaluation overwrites eval.json; it never needs --force
         if parent_reran:
             return Decision("start", f"parent {stage.spec.parent!r} (re)runs first")
         return Decision("skip", "evaluated") if _eval_is_current(stage) else Decision("start", "")
+    if user_entries(folder) and not (folder / ckpt.STAGE_JSON).is_file():
+        return Decision("refuse", f"{folder} is not a stage folder (no {ckpt.STAGE_JSON}); move it away")
     if parent_reran:
-        return Decision("restart" if folder.exists() else "start", f"parent {stage.spec.parent!r} (re)runs first")
-    if not folder.exists() or not any(folder.iterdir()):
+        return Decision("restart" if user_entries(folder) else "start", f"parent {stage.spec.parent!r} (re)runs first")
+    if not user_entries(folder):
         return Decision("start", "")
     try:
         saved = ckpt.read_stage(folder)
     except ckpt.CheckpointError:
-        return Decision("restart", "folder holds no stage record")
+        return Decision("restart", "unreadable stage record")
     if not same_run(saved, stage.identity):
         return Decision("restart", "config changed")
     if ckpt.is_finished(folder):
@@ -75,8 +82,9 @@ def write_stage_config(stage: PlannedStage) -> None:
 
 
 def child_env() -> dict[str, str]:
-    """The stage processes' environment: DeepSpeed on CPU when no GPU is visible (unless the user chose)."""
-    env = dict(os.environ)
+    """The stage processes' environment: DeepSpeed on CPU when no GPU is visible (unless the user chose), and this
+    process as their supervisor (their ranks exit when it is gone: :mod:`distseg.supervise`)."""
+    env = supervised_env(dict(os.environ))
     if "DS_ACCELERATOR" not in env:
         import torch
 
@@ -103,19 +111,24 @@ def _last_step(metrics: Path) -> tuple[int, dict[str, Any]]:
 
 def run_process(stage: PlannedStage, decision: Decision, log_path: Path, progress,
                 task) -> tuple[int, float, float]:
-    """Run the stage's command with its output in ``log_path``; update ``progress`` from metrics.jsonl.
+    """Run the stage's command with its output appended to ``log_path``; update ``progress`` from metrics.jsonl.
 
     Returns (exit status, wall seconds, CPU seconds of the stage's processes). CPU time is the steadier cost on a
-    shared machine, where wall time also measures everybody else's load. The log is copied into the stage folder afterwards (it cannot live there
-    while running: a restarted stage's folder is replaced by the stage itself).
+    shared machine, where wall time also measures everybody else's load. The stage runs in a process group of its
+    own that is stopped whenever this process stops (Ctrl-C, SIGTERM), and it dies with this process even on
+    ``kill -9`` (:mod:`distseg.supervise`). Each invocation appends to the log under a header line; the log is
+    copied into the stage folder afterwards (it cannot live there while running: a restarted stage's folder is
+    replaced by the stage itself).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start, cpu_start = time.perf_counter(), _children_cpu()
-    with open(log_path, "w") as log:
-        log.write(f"$ {stage.display} {' '.join(decision.flags)}\n")
+    with open(log_path, "ab") as log:
+        header = f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {stage.display} " \
+                 f"{' '.join(decision.flags)}\n"
+        log.write(header.encode())
         log.flush()
         proc = subprocess.Popen(stage.command + decision.flags, stdout=log, stderr=subprocess.STDOUT,
-                                env=child_env(), start_new_session=True)
+                                env=child_env(), start_new_session=True, preexec_fn=parent_death_signal())
         try:
             while proc.poll() is None:
                 time.sleep(0.5)
@@ -123,13 +136,12 @@ def run_process(stage: PlannedStage, decision: Decision, log_path: Path, progres
                     step, row = _last_step(stage.folder / "metrics.jsonl")
                     loss = f"loss {row['loss']:.3f}" if "loss" in row else ""
                     progress.update(task, completed=step, info=loss)
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
+        except BaseException:  # Ctrl-C, SIGTERM (Interrupted) or any failure here: the stage must not run on
+            stop_group(proc)
             raise
     seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu_start
     if stage.folder.is_dir():
-        (stage.folder / LOG_NAME).write_text(log_path.read_text())
+        shutil.copyfile(log_path, stage.folder / LOG_NAME)
     return proc.returncode, seconds, cpu
 
 

@@ -34,7 +34,7 @@ class PlannedStage:
     config: StageConfig | None = None
     """Training stages: the resolved StageConfig written to ``configs/<name>.yaml``."""
     identity: dict[str, Any] | None = None
-    """Training stages: ``config.identity(nproc)``, what a finished or interrupted folder must match."""
+    """Training stages: ``config.identity(world size)``, what a finished or interrupted folder must match."""
     eval_options: EvalOptions | None = None
     config_file: Path | None = None
     data_path: str = ""
@@ -217,19 +217,41 @@ def stage_config(recipe: Recipe, spec: StageSpec, folder: Path, parent_path: str
     return cfg
 
 
+def launcher_args(recipe: Recipe) -> list[str]:
+    """The launcher's own arguments for ``nproc`` processes per node on ``launch.num_nodes`` nodes."""
+    n, opts = str(recipe.nproc), recipe.launch
+    if recipe.launcher == "deepspeed":
+        args = ["--num_gpus", n]
+        if opts.num_nodes > 1:
+            args += ["--num_nodes", str(opts.num_nodes), "--hostfile", str(opts.hostfile)]
+        for flag, value in (("--master_addr", opts.master_addr), ("--master_port", opts.master_port)):
+            args += [flag, str(value)] if value is not None else []
+        return args + list(opts.extra_args) + ["--module"]
+    if recipe.launcher == "torchrun":
+        args = ["--nproc_per_node", n]
+        if opts.num_nodes > 1:
+            args += ["--nnodes", str(opts.num_nodes)]
+            if opts.rdzv_endpoint:
+                args += ["--rdzv_backend", opts.rdzv_backend or "c10d", "--rdzv_endpoint", opts.rdzv_endpoint]
+                args += ["--rdzv_id", opts.rdzv_id] if opts.rdzv_id else []
+            else:
+                args += ["--node_rank", str(opts.node_rank), "--master_addr", str(opts.master_addr)]
+                args += ["--master_port", str(opts.master_port)] if opts.master_port is not None else []
+        return args + list(opts.extra_args) + ["-m"]
+    return ["-m"]
+
+
 def launch_command(recipe: Recipe, kind: str, args: list[str]) -> tuple[list[str], str]:
     """(argv to run, the same command as printed): ``-m distseg.stages KIND`` under deepspeed, torchrun or python."""
-    n = str(recipe.nproc)
     module = [STAGE_MODULE, "evaluate" if kind == EVAL else kind]
+    own = launcher_args(recipe)
     if recipe.launcher == "deepspeed":
         exe = Path(sys.executable).with_name("deepspeed")
-        prefix = [str(exe) if exe.exists() else "deepspeed", "--num_gpus", n, "--module"]
-        shown = ["deepspeed", "--num_gpus", n, "--module"]
+        prefix, shown = [str(exe) if exe.exists() else "deepspeed", *own], ["deepspeed", *own]
     elif recipe.launcher == "torchrun":
-        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "-m"]
-        shown = ["torchrun", "--nproc_per_node", n, "-m"]
+        prefix, shown = [sys.executable, "-m", "torch.distributed.run", *own], ["torchrun", *own]
     else:
-        prefix, shown = [sys.executable, "-m"], ["python", "-m"]
+        prefix, shown = [sys.executable, *own], ["python", *own]
     return prefix + module + args, shlex.join(shown + module + args)
 
 
@@ -249,7 +271,7 @@ def _plan_stage(recipe: Recipe, spec: StageSpec, run_dir: Path, source: Path) ->
     else:
         stage.config = stage_config(recipe, spec, folder, parent_path, source)
         try:
-            stage.identity = stage.config.identity(recipe.nproc)
+            stage.identity = stage.config.identity(recipe.world_size)
         except ConfigError as exc:
             raise _fail(source, spec.name, str(exc)) from None
         stage.config_file = run_dir / "configs" / f"{spec.name}.yaml"

@@ -82,6 +82,65 @@ class EvalOptions:
 
 
 @dataclass
+class LaunchOptions:
+    """Several nodes per stage (the recipe's ``launch:`` block, or ``distseg run --launch key=value``).
+
+    deepspeed: ``distseg run`` runs on one node and the deepspeed launcher starts the ranks of every host in the
+    hostfile over ssh/pdsh. torchrun: ``distseg run`` runs on every node (e.g. one ``srun`` task per node) with its
+    ``node_rank``; node 0 builds the datasets, writes the stage configs and the results, and the other nodes join
+    each stage's rendezvous. ``nproc`` stays the number of processes per node.
+    """
+
+    num_nodes: int = 1
+    """Nodes per stage; the world size is ``num_nodes × nproc``."""
+    hostfile: str | None = None
+    """deepspeed: hostfile of ``host slots=N`` lines (required for several nodes)."""
+    master_addr: str | None = None
+    """Address of the node that runs rank 0 (deepspeed ``--master_addr``; torchrun's static rendezvous)."""
+    master_port: int | None = None
+    """Port of the rendezvous on ``master_addr``."""
+    node_rank: int | None = None
+    """torchrun: this node's index, 0 .. num_nodes - 1 (e.g. ``${SLURM_NODEID}``); node 0 leads the run."""
+    rdzv_backend: str | None = None
+    """torchrun: rendezvous backend instead of the static one (``c10d``); needs ``rdzv_endpoint``."""
+    rdzv_endpoint: str | None = None
+    """torchrun: ``host:port`` of the rendezvous."""
+    rdzv_id: str | None = None
+    """torchrun: job id shared by the nodes of one rendezvous (e.g. ``${SLURM_JOB_ID}``)."""
+    extra_args: list[str] = field(default_factory=list)
+    """Further launcher arguments, passed as given (e.g. ``["--include", "node1:0,1"]`` for deepspeed)."""
+
+    def __post_init__(self) -> None:
+        if self.num_nodes < 1:
+            raise ValueError("launch.num_nodes must be >= 1")
+        if self.node_rank is not None and not 0 <= self.node_rank < self.num_nodes:
+            raise ValueError(f"launch.node_rank must be in 0..{self.num_nodes - 1}, got {self.node_rank}")
+        if self.rdzv_backend and not self.rdzv_endpoint:
+            raise ValueError("launch.rdzv_backend needs launch.rdzv_endpoint (host:port)")
+
+    def check(self, launcher: str) -> None:
+        """The options that apply to ``launcher``; several nodes need what that launcher uses to find them."""
+        deepspeed_only, torchrun_only = ["hostfile"], ["node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id"]
+        foreign = {"deepspeed": torchrun_only, "torchrun": deepspeed_only,
+                   "python": deepspeed_only + torchrun_only + ["master_addr", "master_port"]}[launcher]
+        given = [name for name in foreign if getattr(self, name) is not None]
+        if given or (launcher == "python" and (self.num_nodes > 1 or self.extra_args)):
+            raise ValueError(f"launch: {given or ['num_nodes/extra_args']} do not apply to launcher {launcher!r}")
+        if self.num_nodes > 1 and launcher == "deepspeed" and not self.hostfile:
+            raise ValueError("launch: several deepspeed nodes need launch.hostfile")
+        if self.num_nodes > 1 and launcher == "torchrun":
+            if self.node_rank is None:
+                raise ValueError("launch: several torchrun nodes need launch.node_rank (this node's index)")
+            if not (self.rdzv_endpoint or self.master_addr):
+                raise ValueError("launch: several torchrun nodes need launch.master_addr or launch.rdzv_endpoint")
+
+    @property
+    def leader(self) -> bool:
+        """Whether this ``distseg run`` leads: it builds datasets and writes configs and results."""
+        return not self.node_rank
+
+
+@dataclass
 class StageSpec:
     """One step of the chain."""
 
@@ -141,7 +200,9 @@ class Recipe:
     launcher: Launcher = "deepspeed"
     """How each stage process is started."""
     nproc: int = 1
-    """Processes (GPUs) per stage; ``gpus`` is accepted as an alias."""
+    """Processes (GPUs) per node and stage; ``gpus`` is accepted as an alias."""
+    launch: LaunchOptions = field(default_factory=LaunchOptions)
+    """Several nodes per stage: hostfile (deepspeed), node rank and rendezvous (torchrun)."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """StageConfig fields applied to every training stage (before kind defaults and stage overrides)."""
     kind_defaults: dict[str, Any] = field(default_factory=dict)
@@ -154,11 +215,17 @@ class Recipe:
     baseline: str | None = None
     """Row label of the baseline; the table then gives every row's mIoU difference to it (paired by seed)."""
 
+    @property
+    def world_size(self) -> int:
+        """Processes per stage over all nodes (what the batch arithmetic and a run's identity depend on)."""
+        return self.nproc * self.launch.num_nodes
+
     def __post_init__(self) -> None:
         if self.nproc < 1:
             raise ValueError("nproc must be >= 1")
         if self.launcher == "python" and self.nproc > 1:
             raise ValueError("launcher 'python' runs one process; use deepspeed or torchrun for nproc > 1")
+        self.launch.check(self.launcher)
         unknown = sorted(set(self.kind_defaults) - set(kind_names()))
         if unknown:
             raise ValueError(f"kind_defaults: unknown kind(s) {unknown}; training kinds: {kind_names()}")
@@ -285,14 +352,25 @@ def locate_recipe(path: str | Path) -> Path:
     return shipped("recipes", path) or shipped("recipes", path.with_suffix(".yaml")) or path
 
 
-def load_recipe(path: str | Path, variables: dict[str, str] | None = None, out: str | None = None) -> Recipe:
-    """Read, substitute and type-check a recipe; paths come back absolute. Raises RecipeError naming the file."""
+def load_recipe(path: str | Path, variables: dict[str, str] | None = None, out: str | None = None,
+                launch: list[str] | None = None) -> Recipe:
+    """Read, substitute and type-check a recipe; paths come back absolute. Raises RecipeError naming the file.
+
+    ``launch`` holds ``key=value`` overrides of the recipe's ``launch:`` block (``distseg run --launch``).
+    """
+    from distseg.config import apply_overrides
+
     path = Path(path)
     try:
         raw = read_mapping(path)
     except ConfigError as exc:
         raise RecipeError(str(exc)) from None
     raw = substitute(raw, _variables(raw, dict(variables or {}), path), str(path))
+    if launch:
+        try:
+            raw = apply_overrides(raw, [f"launch.{item}" for item in launch])
+        except ConfigError as exc:
+            raise RecipeError(f"--launch: {exc}") from None
     if "gpus" in raw:
         if "nproc" in raw:
             raise RecipeError(f"{path}: give 'gpus' or 'nproc', not both")
@@ -316,6 +394,7 @@ def load_recipe(path: str | Path, variables: dict[str, str] | None = None, out: 
         recipe.ds_config = str((base / shipped_or_local).resolve())
     for stage in recipe.stages:
         stage.weights = resolve_path(stage.weights, base)
+    recipe.launch.hostfile = resolve_path(recipe.launch.hostfile, base)
     if recipe.model.pretrained not in (None, "imagenet"):
         recipe.model.pretrained = resolve_path(recipe.model.pretrained, base)
     return recipe

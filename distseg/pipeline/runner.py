@@ -7,7 +7,7 @@ from typing import Any
 from distseg.config import to_dict
 from distseg.pipeline.launch import LOG_NAME, decide, log_tail, run_process, write_stage_config
 from distseg.pipeline.plan import Plan, build_plan
-from distseg.pipeline.recipe import load_recipe, locate_recipe
+from distseg.pipeline.recipe import RecipeError, load_recipe, locate_recipe
 from distseg.pipeline.results import collect_rows, load_timings, rich_table, save_timings, write_results
 
 
@@ -28,6 +28,22 @@ def _shards_current(path: Path, options: dict[str, Any]) -> bool:
         return False
     saved = json.loads(manifest.read_text()).get("options", {})
     return all(saved.get(k) == v for k, v in options.items())
+
+
+def wait_for_datasets(plan: Plan, console, timeout: float = 3600.0, poll: float = 5.0) -> None:
+    """A following node of a multi-node run: wait until the leader has written every dataset's shards."""
+    import time
+
+    pending = {n: ds for n, ds in plan.recipe.datasets.items() if ds.shard is not None}
+    deadline = time.monotonic() + timeout
+    while pending:
+        pending = {n: ds for n, ds in pending.items() if not _shards_current(Path(ds.path), ds.shard.layout())}
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise RecipeError(f"{plan.source}: node 0 did not shard {sorted(pending)} within {timeout:.0f} s")
+        console.print(f"waiting for node 0 to shard {sorted(pending)}")
+        time.sleep(poll)
 
 
 def build_datasets(plan: Plan, console) -> None:
@@ -57,7 +73,7 @@ def print_plan(plan: Plan, console) -> None:
     rerun: set[str] = set()
     for stage in plan.stages:
         decision = decide(stage, stage.spec.parent in rerun)
-        if decision.action != "skip":
+        if decision.action not in ("skip", "refuse"):
             rerun.add(stage.name)
         flags = " ".join(decision.flags)
         note = f"  # {decision.action}" + (f": {decision.reason}" if decision.reason else "")
@@ -72,6 +88,8 @@ def run_stages(plan: Plan, console) -> None:
     rerun: set[str] = set()
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
+    leader = plan.recipe.launch.leader
+    node = "" if leader else f".node{plan.recipe.launch.node_rank}"
     with Progress(*columns, console=console, transient=False) as progress:
         for stage in plan.stages:
             decision = decide(stage, stage.spec.parent in rerun)
@@ -80,15 +98,19 @@ def run_stages(plan: Plan, console) -> None:
             if decision.action == "skip":
                 progress.update(task, completed=steps, info=f"skipped: {decision.reason}")
                 continue
-            write_stage_config(stage)
-            log = plan.run_dir / "logs" / f"{stage.name}.log"
+            if decision.action == "refuse":
+                raise RecipeError(f"{plan.source}: stage {stage.name!r}: {decision.reason}")
+            if leader:
+                write_stage_config(stage)
+            log = plan.run_dir / "logs" / f"{stage.name}{node}.log"
             code, seconds, cpu = run_process(stage, decision, log, progress, task)
             if code != 0:
                 progress.update(task, info=f"[red]failed (exit {code})")
                 raise StageFailed(stage.name, code, log, log_tail(log))
             rerun.add(stage.name)
-            timings[stage.name] = {"wall": seconds, "cpu": cpu}
-            save_timings(plan.run_dir, timings)
+            if leader:
+                timings[stage.name] = {"wall": seconds, "cpu": cpu}
+                save_timings(plan.run_dir, timings)
             progress.update(task, completed=steps, info=f"done in {seconds:.0f} s ({cpu:.0f} CPU s)")
 
 
@@ -122,20 +144,34 @@ def results_console():
 
 
 def run_recipe(path: str | Path, *, variables: dict[str, str] | None = None, out: str | None = None,
-               dry_run: bool = False, console=None) -> dict[str, Any]:
+               dry_run: bool = False, console=None, launch: list[str] | None = None) -> dict[str, Any]:
     """Validate the recipe completely, then (unless ``dry_run``) shard, train, evaluate and tabulate.
 
-    Returns ``{"plan", "rows", "md", "csv", "figure"}`` (only ``plan`` on a dry run).
+    The run folder is locked for the whole run (a second ``distseg run`` on it is refused, naming this one).
+    Returns ``{"plan", "rows", "md", "csv", "figure"}`` (only ``plan`` on a dry run; only ``plan`` on a node
+    other than 0 of a multi-node torchrun run, which trains but leaves the results to node 0).
     """
+    import shlex
+
+    from distseg.folders import LOCK_NAME, FolderLock
+
     console = console or results_console()
     path = locate_recipe(path)
-    recipe = load_recipe(path, variables, out)
+    recipe = load_recipe(path, variables, out, launch)
     plan = build_plan(recipe, path, require_inputs=not dry_run)
     if dry_run:
         print_plan(plan, console)
         return {"plan": plan}
-    console.print(f"[bold]{recipe.name}[/]: {len(plan.stages)} stages -> {plan.run_dir}  "
-                  f"(logs: <stage>/{LOG_NAME})")
-    build_datasets(plan, console)
-    run_stages(plan, console)
-    return {"plan": plan, **finish(plan, console)}
+    leader = recipe.launch.leader
+    lock_name = LOCK_NAME if leader else f"{LOCK_NAME}.node{recipe.launch.node_rank}"
+    with FolderLock(plan.run_dir, lock_name):
+        console.print(f"[bold]{recipe.name}[/]: {len(plan.stages)} stages -> {plan.run_dir}  "
+                      f"(logs: <stage>/{LOG_NAME})")
+        console.print(f"TensorBoard: tensorboard --logdir {shlex.quote(str(plan.run_dir))}", markup=False,
+                      highlight=False, soft_wrap=True)
+        if leader:
+            build_datasets(plan, console)
+        else:
+            wait_for_datasets(plan, console)
+        run_stages(plan, console)
+        return {"plan": plan, **(finish(plan, console) if leader else {})}

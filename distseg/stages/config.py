@@ -49,12 +49,15 @@ class TrainConfig:
     eval_batch_size: int = 4
     fisher_batches: int = 16
     """Batches of this stage's training data used for the diagonal Fisher saved at the end (0: skip)."""
+    max_skipped_steps: int = 20
+    """Stop with an error after this many optimizer steps in a row were skipped because the loss or the gradients
+    were not finite (NaN/inf; fp16 overflows count too). Each skip is logged (``skipped_steps``)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
-        if min(self.log_every, self.keep_checkpoints, self.eval_batch_size) < 1:
-            raise ValueError("log_every, keep_checkpoints and eval_batch_size must be >= 1")
+        if min(self.log_every, self.keep_checkpoints, self.eval_batch_size, self.max_skipped_steps) < 1:
+            raise ValueError("log_every, keep_checkpoints, eval_batch_size and max_skipped_steps must be >= 1")
         if min(self.eval_every, self.ckpt_every, self.fisher_batches) < 0:
             raise ValueError("eval_every, ckpt_every and fisher_batches must be >= 0")
 
@@ -171,9 +174,9 @@ class StageConfig:
 
         The stage saves this in stage.json; ``--resume`` and ``distseg run``'s skip/resume decision both compare it.
         """
-        from distseg.engine.dsconfig import load_ds_config, resolve_ds_config
+        from distseg.engine.dsconfig import load_ds_config, resolve_ds_config, training_sections
 
         ds = resolve_ds_config(load_ds_config(self.ds_config), world_size, micro_batch=self.micro_batch,
                                grad_accum=self.grad_accum, global_batch=self.global_batch, source=self.ds_config)
         requested = {k: v for k, v in self.to_mapping().items() if k != "out"}
-        return {"config": requested, "ds_config_resolved": ds}
+        return {"config": requested, "ds_config_resolved": training_sections(ds)}

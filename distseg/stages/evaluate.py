@@ -91,10 +91,10 @@ def main(
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
     """Write eval.json and print per-class tables (launch with deepspeed/torchrun to split the tiles)."""
-    from distseg.stages.launcher import fail, user_errors
+    from distseg.errors import reported
+    from distseg.supervise import start_watchdog
 
-    try:
+    start_watchdog()
+    with reported():
         run(model, data, split=split, sliding=sliding, tile=tile, overlap=overlap, batch_size=batch_size, out=out,
             model_config=model_config, classes=classes, local_rank=local_rank, device=device)
-    except user_errors() as exc:
-        fail(str(exc))

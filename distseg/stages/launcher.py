@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import typer
 
+from distseg.errors import fail, user_errors  # noqa: F401  (re-exported: the stage commands' error contract)
+
 
 def build_config(kind: str, config_file: Path | None, options: dict[str, Any], sets: list[str]):
     """StageConfig from an optional YAML/JSON file, then explicit options, then ``--set key=value`` overrides."""
@@ -26,25 +28,6 @@ def build_config(kind: str, config_file: Path | None, options: dict[str, Any], s
             set_dotted(data, dotted, value)
     data = apply_overrides(data, sets)
     return from_dict(StageConfig, data, where=str(config_file or "stage options"))
-
-
-def fail(message: str) -> None:
-    """One ``error:`` line on stderr and exit status 2 (the command-line convention)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that mean bad input (reported as one line), not a bug (reported with a traceback)."""
-    from distseg.config import ConfigError
-    from distseg.data.errors import DataError
-    from distseg.engine.checkpoint import CheckpointError
-    from distseg.models.backbones import PretrainedWeightsError
-    from distseg.models.weights import WeightsError
-    from distseg.stages.common import StageError
-
-    return (ConfigError, StageError, DataError, CheckpointError, WeightsError, PretrainedWeightsError,
-            FileNotFoundError)
 
 
 def make_app(kind: str) -> typer.Typer:
@@ -78,19 +61,20 @@ def make_app(kind: str) -> typer.Typer:
         local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
         device: Optional[str] = typer.Option(None, "--device", help="'cpu' to ignore CUDA."),
     ) -> None:
+        from distseg.errors import reported
         from distseg.stages.trainer import run_stage
+        from distseg.supervise import start_watchdog
 
+        start_watchdog()
         if not spec.unlabelled and (unlabeled or unlabeled_fraction):
             fail(f"--unlabeled/--unlabeled-fraction do not apply to a {kind} stage (it reads no unlabelled pool)")
         options = {"out": out, "data.shards": data, "parent": parent, "ds_config": ds_config,
                    "micro_batch": micro_batch, "grad_accum": grad_accum, "global_batch": global_batch,
                    "train.steps": steps, "data.unlabeled": list(unlabeled) or None,
                    "data.unlabeled_fraction": unlabeled_fraction}
-        try:
+        with reported():
             cfg = build_config(kind, config, options, sets)
             run_stage(spec, cfg, resume=resume, force=force, local_rank=local_rank, device=device)
-        except user_errors() as exc:
-            fail(str(exc))
 
     return app
 

@@ -127,7 +127,7 @@ class SSLTask(Task):
     def bind(self, engine, autocast=None) -> None:
         super().bind(engine, autocast)
         self.ema = EMA(self.teacher, self.student, alpha=self.options.ema_alpha,
-                       warmup_steps=1000 if self.options.ema_warmup else 0)
+                       warmup_steps=1000 if self.options.ema_warmup else 0, skip_nonfinite=True)
         self.bn_layers = [m for m in self.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def streams(self) -> tuple[str, ...]:
@@ -209,7 +209,7 @@ class SSLTask(Task):
     def load_extra(self, folder: Path) -> None:
         state = load_file(str(folder / ckpt.TEACHER_WEIGHTS), device=str(self.env.device))
         self.teacher.load_state_dict(state)
-        self.ema.load_state_dict(torch.load(folder / "ema_state.pt", weights_only=True))
+        self.ema.load_state_dict(ckpt.safe_load(folder / "ema_state.pt"))
 
 
 KIND = StageKind("ssl", SSLTask, SSLOptions, unlabelled=True, unlabelled_views=("weak", "strong"), script="ssl.py",

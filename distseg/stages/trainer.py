@@ -16,8 +16,9 @@ from torch import nn
 from distseg.data.classes import ClassMap
 from distseg.data.manifest import read_manifest
 from distseg.engine import checkpoint as ckpt
-from distseg.engine.deepspeed_engine import autocast_context, build_engine
-from distseg.engine.distributed import DistEnv, init_distributed, maybe_convert_sync_bn
+from distseg.engine.deepspeed_engine import attach_monitor, autocast_context, build_engine
+from distseg.engine.distributed import DistEnv, init_distributed, maybe_convert_sync_bn, sum_counts
+from distseg.engine.finite import StepGuard
 from distseg.engine.loop import EpochStream, Loop, finalize
 from distseg.engine.metrics import ConfusionMatrix
 from distseg.stages.common import StageError, resolve_parent
@@ -75,18 +76,25 @@ def make_loader(shards: str | list[str], split: str, stream_cfg, env: DistEnv, *
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader, class_map: ClassMap, env: DistEnv, autocast) -> dict[str, Any]:
-    """Whole-tile validation: one confusion matrix over the split, summed across ranks."""
+    """Whole-tile validation: one confusion matrix over the split, summed across ranks.
+
+    ``finite_outputs`` says whether every logit was finite: a diverged model can hold finite weights whose outputs
+    overflow, and its argmax would still make a (meaningless) confusion matrix.
+    """
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(class_map.num_classes, class_map.ignore_index, device=env.device)
+    bad = torch.zeros((), dtype=torch.bool, device=env.device)
     for batch in loader:
         with autocast:
             logits = model(batch.image.to(env.device, non_blocking=True))
+        bad |= ~logits.isfinite().all()
         cm.update(logits.argmax(1), batch.mask.to(env.device, non_blocking=True))
     cm.all_reduce()
     model.train(was_training)
     result = cm.compute()
     result["class_names"] = class_map.names
+    result["finite_outputs"] = sum_counts([int(bad)], env.device)[0] == 0
     return result
 
 
@@ -111,9 +119,11 @@ class Trainer:
         student = self.task.build()
         self.model_cfg = student.model_cfg
         module = maybe_convert_sync_bn(student.module, env)
+        self.guard = StepGuard()
         self.engine, self.ds_cfg = build_engine(
             module, student.params, ds_config=cfg.ds_config, optim=cfg.optim, total_steps=cfg.train.steps, env=env,
-            micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, global_batch=cfg.global_batch)
+            micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, global_batch=cfg.global_batch, guard=self.guard)
+        self.guard.keep_buffers(self.engine.module)
         self.micro = int(self.ds_cfg["train_micro_batch_size_per_gpu"])
         self.task.bind(self.engine, autocast_context(self.ds_cfg, env.device))
         self.streams = self._streams()
@@ -165,15 +175,23 @@ class Trainer:
         return write
 
     def run(self, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
-        """Train into ``cfg.out`` (resuming from its newest complete checkpoint when asked); the final record."""
+        """Train into ``cfg.out`` (resuming from its newest usable checkpoint when asked); the final record.
+
+        The folder stays locked against other processes until the stage ends.
+        """
         record = self.record()
-        folder = prepare_folder(self.cfg.out, record, self.env, resume=resume, force=force)
-        loop = Loop(self.task, self.engine, self.streams, self.val_loader, folder, self.cfg.train, self.ds_cfg,
-                    self.env, record)
-        if resume and loop.resume() and self.env.is_main:
-            print(f"resumed {folder} at step {loop.step}")
-        loop.run()
-        finalize(loop, self.fisher())
+        folder, reopened, lock = prepare_folder(self.cfg.out, record, self.env, resume=resume, force=force)
+        try:
+            loop = Loop(self.task, self.engine, self.streams, self.val_loader, folder, self.cfg.train, self.ds_cfg,
+                        self.env, record, self.guard)
+            if reopened and loop.resume() and self.env.is_main:
+                print(f"resumed {folder} at step {loop.step}")
+            attach_monitor(self.engine, self.ds_cfg, folder)  # after a resume that may still fail: it writes files
+            loop.run()
+            finalize(loop, self.fisher())
+        finally:
+            if lock is not None:
+                lock.release()
         return record
 
 

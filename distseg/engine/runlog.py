@@ -1,0 +1,66 @@
+"""Rank-0 bookkeeping of a stage: ``metrics.jsonl``, DeepSpeed's monitor (TensorBoard, CSV, W&B), the progress bar."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+from distseg.engine.distributed import DistEnv
+
+
+def scalar_events(prefix: str, values: dict[str, Any], step: int,
+                  names: list[str] | None = None) -> Iterator[tuple[str, float, int]]:
+    """(tag, value, step) for every finite number in a nested dict; lists of numbers are named by ``names``
+    (the class names of a per-class IoU) or by position, and the confusion matrix is left out."""
+    names = values.get("class_names", names)
+    for key, value in values.items():
+        tag = f"{prefix}/{key}"
+        if isinstance(value, bool) or key in ("confusion", "class_names"):
+            continue
+        if isinstance(value, (int, float)):
+            if math.isfinite(value):
+                yield tag, float(value), step
+        elif isinstance(value, dict):
+            yield from scalar_events(tag, value, step, names)
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) or v is None for v in value):
+            labels = names if names is not None and len(names) == len(value) else [str(i) for i in range(len(value))]
+            for label, v in zip(labels, value):
+                if v is not None and math.isfinite(v):
+                    yield f"{tag}/{label}", float(v), step
+
+
+class RunLog:
+    """Writes what the loop logs: metrics.jsonl lines, monitor scalars and the rich progress bar (rank 0 only)."""
+
+    def __init__(self, folder: Path, env: DistEnv, total: int, start: int, monitor=None) -> None:
+        self.env = env
+        self.path = folder / "metrics.jsonl"
+        self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
+        self.progress = None
+        if env.is_main:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self.progress.start()
+            self.task = self.progress.add_task(folder.name, total=total, completed=start, info="")
+
+    def write(self, record: dict[str, Any], prefix: str | None = None) -> None:
+        """Append one metrics.jsonl line; with ``prefix``, also send its numbers to the monitor under it."""
+        if not self.env.is_main:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.monitor is not None and prefix is not None:
+            step = int(record["step"])
+            body = record.get(prefix, {k: v for k, v in record.items() if k != "step"})
+            self.monitor.write_events(list(scalar_events(prefix, body, step)))
+
+    def advance(self, step: int, info: str | None = None) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, **({"info": info} if info is not None else {}))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

@@ -1,0 +1,147 @@
+"""kill -9 in mid-stage, then --resume, on every CPU-capable shipped DeepSpeed config on 1 and 2 ranks: the resumed run
+ends with exactly the weights, learning rate and step count of the uninterrupted one."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, stage_env, tiny_stage_config
+from distseg.engine.dsconfig import load_ds_config, precision
+
+pytestmark = pytest.mark.slow
+
+STEPS, KILL_AFTER = 12, 3
+"""Each run has 12 optimizer steps with a checkpoint after every one; the kill lands after step 3's is complete."""
+
+
+def cpu_configs() -> dict[str, list[str]]:
+    """Every shipped config that runs on CPU, grouped by identical content (``cpu_fp32`` is ``zero0_fp32``), each
+    group named by its last name."""
+    groups: dict[str, list[str]] = {}
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
+        cfg = load_ds_config(path)
+        if precision(cfg) == "fp16":
+            continue  # fp16 loss scaling needs CUDA (refused on CPU, tested in test_ds_configs)
+        key = json.dumps(cfg, sort_keys=True)
+        groups.setdefault(key, []).append(path.stem)
+    return {names[-1]: names for names in groups.values()}
+
+
+CONFIGS = cpu_configs()
+CASES = [(name, world) for world in (1, 2) for name in CONFIGS]
+
+
+def test_every_cpu_capable_config_is_in_the_matrix():
+    covered = {n for names in CONFIGS.values() for n in names}
+    shipped = {p.stem for p in (REPO / "ds_configs").glob("*.json")}
+    assert covered == {n for n in shipped if not n.endswith("fp16")}
+    assert {"zero0_fp32", "zero1_fp32", "zero2_fp32", "zero0_bf16", "zero1_bf16", "zero2_bf16"} <= set(CONFIGS)
+
+
+def _stage_args(cfg: Path, shards: Path, init: Path, ds: str, out: Path) -> list[str]:
+    return ["--config", str(cfg), "--data", str(shards), "--parent", str(init), "--ds_config", f"ds_configs/{ds}.json",
+            "--out", str(out)]
+
+
+def _command(world: int, port: int) -> list[str]:
+    if world == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port)]
+
+
+_STRAIGHT = r"""
+import json, sys
+from distseg.stages.launcher import make_app
+for args in json.loads(sys.argv[1]):
+    code = make_app("finetune")(args=args, standalone_mode=False)
+    assert code in (None, 0), (args, code)
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, target_shards, init_weights):
+    """The uninterrupted reference of every case, each world size's runs in one launch (same arithmetic, one
+    start-up), then each case's killed run and its resume in processes of their own."""
+    tmp = tmp_path_factory.mktemp("matrix")
+    cfg = tiny_stage_config(tmp, steps=STEPS, ckpt_every=1, log_every=2, fisher_batches=0)
+    script = tmp / "straight.py"
+    script.write_text(_STRAIGHT)
+    for world in (1, 2):
+        batch = [_stage_args(cfg, target_shards, init_weights, ds, tmp / f"straight_{ds}_{world}") for ds in CONFIGS]
+        proc = subprocess.run([*_command(world, 29400 + os.getpid() % 500), str(script), json.dumps(batch)],
+                              capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, cfg
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, out of its group)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_after_checkpoint(cmd: list[str], folder: Path) -> None:
+    """Start a run and SIGKILL it, launcher and every rank at once, as soon as step KILL_AFTER's checkpoint is
+    complete (it may be writing the next one at that moment)."""
+    proc = subprocess.Popen(cmd, env=stage_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    marker = folder / "checkpoint" / f"step{KILL_AFTER:08d}" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    for pid in _descendants(proc.pid) + [proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert marker.exists(), "the run ended before its checkpoint"
+
+
+def _record(folder: Path) -> dict:
+    return json.loads((folder / "stage.json").read_text())
+
+
+@pytest.mark.parametrize("ds,world", CASES, ids=[f"{ds}-{world}rank" for ds, world in CASES])
+def test_kill_and_resume_matches_the_uninterrupted_run(runs, target_shards, init_weights, ds, world):
+    tmp, cfg = runs
+    straight, killed = tmp / f"straight_{ds}_{world}", tmp / f"killed_{ds}_{world}"
+    args = _stage_args(cfg, target_shards, init_weights, ds, killed)
+    base = [*_command(world, 29900 + os.getpid() % 90), "-m", "distseg.stages", "finetune", *args]
+    _kill_after_checkpoint(base, killed)
+    record = _record(killed)
+    assert not record["finished"], "the run must be killed mid-way"
+    resumed = subprocess.run(base + ["--resume"], capture_output=True, text=True, env=stage_env(), cwd=REPO,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stdout
+    done, reference = _record(killed), _record(straight)
+    assert done["finished"] and done["steps"] == reference["steps"] == STEPS and done["world_size"] == world
+    assert done["rank_divergence"] == {"student": 0.0}
+    a, b = load_file(str(straight / "last" / "model.safetensors")), load_file(str(killed / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert diff == 0.0, f"resumed weights differ by {diff}"
+    lrs = [[m["lr"] for m in map(json.loads, (f / "metrics.jsonl").read_text().splitlines()) if "lr" in m]
+           for f in (straight, killed)]
+    assert lrs[1][-1] == lrs[0][-1]
