@@ -81,6 +81,8 @@ def _stage_encoder(folder: Path, device: torch.device) -> Encoder:
     if not folder.is_dir():
         raise GapError(f"--encoder {folder}: neither 'imagenet' nor a stage folder")
     record = read_stage(folder)
+    if not isinstance(record.get("config"), dict) or "model" not in record["config"]:
+        raise CheckpointError(f"{folder / STAGE_JSON}: no model config (config.model)")
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights missing (stage not finished?)")

@@ -41,8 +41,9 @@ def _fail(message: str) -> None:
 
 def domain_gap(
     target: str = typer.Option(..., "--target", help="Shard folder of the target (FOLDER or FOLDER@split,split)."),
-    candidates: list[str] = typer.Option(..., "--candidates", help="Shard folders of the candidate intermediate "
-                                                                   "datasets (FOLDER or FOLDER@split,split)."),
+    candidates: list[str] = typer.Option(..., "--candidates", help="One or more shard folders of candidate "
+                                                                   "intermediate datasets (FOLDER or "
+                                                                   "FOLDER@split,split), space-separated."),
     encoder: str = typer.Option("imagenet", "--encoder", help="'imagenet' (the --backbone entry's ImageNet "
                                                               "weights) or a finished stage folder."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="Backbone of the ImageNet encoder."),
@@ -54,8 +55,9 @@ def domain_gap(
                                                help="Stage folders trained on each candidate, in candidate order "
                                                     "('-' for none): adds LogME transferability."),
     label_split: str = typer.Option("train", "--label-split", help="Target split whose labels LogME scores."),
-    synonyms: Optional[Path] = typer.Option(None, "--synonyms", help="YAML/JSON synonym table "
-                                                                      "(canonical: [names]) for label overlap."),
+    synonyms: Optional[Path] = typer.Option(None, "--synonyms", help="YAML/JSON synonym table (each "
+                                                                      "canonical class name maps to a list of "
+                                                                      "synonyms) for label overlap."),
     permutations: int = typer.Option(200, "--permutations", help="Permutations of the MMD test."),
     embed_tiles: int = typer.Option(300, "--embed-tiles", help="Tiles per dataset in the t-SNE picture (0: none)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Tiles per encoder forward."),
