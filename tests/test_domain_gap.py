@@ -148,6 +148,8 @@ def test_cli_writes_ranked_report_and_picture(domains, tmp_path):
     ("size_stride", "does not fit the encoder"),
     ("tiles_too_small", "smaller than the encoder input"),
     ("models_count", "2 stage folders for 1 candidates"),
+    ("model_missing", "stage folder not found"),
+    ("twice", "given twice"),
 ])
 def test_bad_input_is_one_error_line_and_writes_nothing(domains, tmp_path, case, needle):
     empty = tmp_path / "not_shards"
@@ -156,7 +158,10 @@ def test_bad_input_is_one_error_line_and_writes_nothing(domains, tmp_path, case,
             "empty_split": ["--candidates", str(domains["no_pool"]), "--split", "unlabeled"],
             "size_stride": ["--candidates", str(domains["shifted"]), "--size", "48"],
             "tiles_too_small": ["--candidates", str(domains["shifted"]), "--size", "128"],
-            "models_count": ["--candidates", str(domains["shifted"]), "--candidate-models", "-", "-"]}[case]
+            "models_count": ["--candidates", str(domains["shifted"]), "--candidate-models", "-", "-"],
+            "model_missing": ["--candidates", str(domains["shifted"]), "--candidate-models", str(tmp_path / "no")],
+            "twice": ["--candidates", str(domains["shifted"]), str(domains["shifted"])],
+            }[case]
     out = tmp_path / "report"
     size = [] if "--size" in args else ["--size", "64"]
     res = _cli(["domain-gap", "--target", str(domains["target"]), *args, *size, "--out", str(out)])
@@ -164,3 +169,26 @@ def test_bad_input_is_one_error_line_and_writes_nothing(domains, tmp_path, case,
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], res.output
     assert not out.exists() and not list(tmp_path.glob(".report*"))
+
+
+def test_sample_is_seeded_independent_of_sharding_and_drops_edge_padding(tmp_path):
+    from distseg.analysis.sources import open_dataset, parse_spec, read_tiles, select
+    from distseg.data.shard import shard_dataset
+    from distseg.data.synthetic import write_dataset
+
+    keys = [f"k{i}" for i in range(30)]
+    chosen = lambda groups: sorted(r.key for _, refs in select(groups, 7, seed=3) for r in refs)  # noqa: E731
+    assert len(chosen([keys])) == 7
+    assert chosen([keys]) == chosen([keys[:11], keys[11:20], keys[20:]]) == chosen([keys[::-1]])
+    assert chosen([keys]) != sorted(r.key for _, refs in select([keys], 7, seed=4) for r in refs)
+    assert parse_spec("a/b@val,test", ("train",)) == (parse_spec("a/b", ())[0], ("val", "test"), True)
+    assert parse_spec("odd@name", ("train",))[1] == ("train",)  # not a split list: part of the folder name
+
+    raw = write_dataset(tmp_path / "raw", 2, 100, seed=0)  # 100 px scenes cut into 64-px tiles: edges padded
+    shard_dataset(tmp_path / "s", images=raw / "images", masks=raw / "masks", classes=raw / "classes.yaml",
+                  tile=64, split="1:0:0", shard_size=3)
+    ds = open_dataset(str(tmp_path / "s"), ("train",), 100, seed=0)
+    shapes = sorted(t.image.shape[:2] for t in read_tiles(ds))
+    assert ds.available == ds.sampled == 8 and shapes == sorted([(64, 64), (64, 36), (36, 64), (36, 36)] * 2)
+    whole = [t for t in read_tiles(ds, masks=True, whole=True)]
+    assert all(t.image.shape[:2] == (64, 64) and t.mask.shape == (64, 64) for t in whole)

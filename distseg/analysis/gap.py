@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,19 +95,24 @@ class GapResult:
 
 
 def _unique_names(datasets: list[Dataset]) -> None:
-    """Make display names unique by prefixing the parent folder where two coincide."""
+    """Make display names unique by prefixing the parent folder where two coincide; one dataset twice is an error."""
     names = [d.name for d in datasets]
     for d in datasets:
         if names.count(d.name) > 1:
             d.name = f"{d.folder.resolve().parent.name}/{d.name}"
+    seen: dict[str, Dataset] = {}
+    for d in datasets:
+        if d.name in seen:
+            raise GapError(f"{d.folder}: given twice (as {seen[d.name].folder} too); list each dataset once")
+        seen[d.name] = d
 
 
-def _check_tile_size(ds: Dataset, size: int) -> None:
+def _check_tile_size(ds: Dataset, size: int, stride: int) -> None:
     """Tiled shards say their tile side: smaller than the encoder input means no tile can be encoded."""
     tile = ds.manifest.get("options", {}).get("tile")
     if isinstance(tile, int) and tile < size:
-        raise GapError(f"{ds.folder}: its tiles are {tile} px, smaller than the encoder input {size}; "
-                       f"pass --size {tile // 32 * 32 or tile}")
+        hint = f"; pass --size {tile // stride * stride}" if tile >= 2 * stride else ""
+        raise GapError(f"{ds.folder}: its tiles are {tile} px, smaller than the encoder input {size}{hint}")
 
 
 def _feature_measures(t: DatasetStats, c: DatasetStats, bandwidth: float, cfg: GapConfig) -> dict[str, Any]:
@@ -134,18 +140,28 @@ def _measure(target: Dataset, t: DatasetStats, cand: Dataset, c: DatasetStats, b
     return out
 
 
-def _transfer(cfg: GapConfig, measures: dict[str, dict[str, Any]], names: list[str]) -> None:
+def _labelled_target(cfg: GapConfig) -> Dataset | None:
+    """The target's labelled tiles for LogME, when candidate models are given; their folders are checked too."""
+    from distseg.engine.checkpoint import WEIGHTS, CheckpointError, read_stage
+
+    stages = [m for m in cfg.candidate_models if m != "-"]
+    if not stages:
+        return None
+    for stage in stages:
+        read_stage(stage)
+        if not (Path(stage) / WEIGHTS).is_file():
+            raise CheckpointError(f"{Path(stage) / WEIGHTS}: weights missing (stage not finished?)")
+    folder = parse_spec(cfg.target, ())[0]  # the folder without any @splits
+    return open_dataset(f"{folder}@{cfg.label_split}", (), cfg.tiles, cfg.seed)
+
+
+def _transfer(cfg: GapConfig, labelled: Dataset, measures: dict[str, dict[str, Any]], names: list[str]) -> None:
     """LogME of the target's labels on each candidate model that was given (fills ``logme``)."""
     from distseg.analysis.transfer import transferability
     from distseg.data.classes import ClassMap
 
-    models = dict(zip(names, cfg.candidate_models))
-    if not any(m != "-" for m in models.values()):
-        return
-    folder = parse_spec(cfg.target, ())[0]  # the folder without any @splits
-    labelled = open_dataset(f"{folder}@{cfg.label_split}", (), cfg.tiles, cfg.seed)
-    ignore = ClassMap.from_manifest(folder).ignore_index
-    for name, stage in models.items():
+    ignore = ClassMap.from_manifest(labelled.folder).ignore_index
+    for name, stage in zip(names, cfg.candidate_models):
         if stage != "-":
             value, pixels = transferability(stage, labelled, ignore, cfg.logme_pixels, cfg.seed, cfg.device)
             measures[name].update(logme=value, logme_pixels=pixels)
@@ -206,18 +222,20 @@ def _analyse(cfg: GapConfig, progress: bool) -> GapResult:
     splits = parse_splits(cfg.split)
     datasets = [open_dataset(s, splits, cfg.tiles, cfg.seed) for s in (cfg.target, *cfg.candidates)]
     _unique_names(datasets)
-    for ds in datasets:
-        _check_tile_size(ds, cfg.size)
     lookup = load_synonyms(cfg.synonyms)
+    labelled = _labelled_target(cfg)
     encoder = build_encoder(cfg.encoder, cfg.backbone, cfg.device)
     encoder.check_size(cfg.size)
+    for ds in datasets:
+        _check_tile_size(ds, cfg.size, max(encoder.reductions))
     pass_start, pass_cpu = time.perf_counter(), time.process_time()
     stats = _stream_all(datasets, encoder, cfg, progress)
     pass_s, pass_cpu = time.perf_counter() - pass_start, time.process_time() - pass_cpu
     target, t = datasets[0], stats[datasets[0].name]
     bandwidth = median_bandwidth(t.embeddings)
     measures = {ds.name: _measure(target, t, ds, stats[ds.name], bandwidth, cfg, lookup) for ds in datasets[1:]}
-    _transfer(cfg, measures, [ds.name for ds in datasets[1:]])
+    if labelled is not None:
+        _transfer(cfg, labelled, measures, [ds.name for ds in datasets[1:]])
     ranking = rank({n: {sig.name: m.get(sig.name) for sig in SIGNALS} for n, m in measures.items()})
     info = {ds.name: {"folder": str(ds.folder), "splits": list(ds.splits), "available": ds.available,
                       "sampled": stats[ds.name].sampled, "encoded": stats[ds.name].encoded,

@@ -44,7 +44,7 @@ def _relative(value: float, values: list[float]) -> float:
 
 SIGNALS: tuple[Signal, ...] = (
     Signal("fd", "feature", "FD (rel.)", _distance),
-    Signal("mmd", "feature", "MMD²", _distance),
+    Signal("mmd", "feature", "MMD² (p)", _distance),
     Signal("color", "low-level", "colour EMD", _distance),
     Signal("texture", "low-level", "texture EMD", _distance),
     Signal("size", "low-level", "size |log2|", _distance),

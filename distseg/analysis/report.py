@@ -12,15 +12,25 @@ from typing import Any
 
 from distseg.analysis import GapError
 from distseg.analysis.gap import GapResult
-from distseg.analysis.ranking import FAMILIES
+from distseg.analysis.ranking import FAMILIES, SIGNALS
 
-COLUMNS = ("rank", "candidate", "tiles", "FD (rel.)", "MMD² (p)", "colour EMD", "texture EMD", "size |log2|",
-           "label overlap", "LogME", "score", "apart by")
-"""Table columns; 'apart by' is the family that most separated the row from the one above."""
+COLUMNS = ("rank", "candidate", "tiles", *(sig.label for sig in SIGNALS), "score", "apart by")
+"""Table columns, one per ranked signal; 'apart by' is the family that most separated the row from the one above."""
 
 
 def _num(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _cell(signal: str, m: dict[str, Any]) -> str:
+    """A signal's table cell; MMD carries its p-value and label overlap the number of shared classes."""
+    if m[signal] is None:
+        return "n/a"
+    if signal == "mmd":
+        return f"{m['mmd']:.4f} (p {m['mmd_p']:.3f})"
+    if signal == "labels":
+        return f"{m['labels']:.2f} ({len(m['shared'])} shared)"
+    return _num(m[signal])
 
 
 def table_rows(result: GapResult) -> list[list[str]]:
@@ -28,11 +38,8 @@ def table_rows(result: GapResult) -> list[list[str]]:
     rows = []
     for i, name in enumerate(result.ranking.order, 1):
         m, d = result.measures[name], result.datasets[name]
-        labels = _num(m["labels"], 2) + (f" ({len(m['shared'])} shared)" if m["shared"] is not None else "")
-        rows.append([str(i), name, f"{d['encoded']}/{d['sampled']}", _num(m["fd"]),
-                     f"{m['mmd']:.4f} ({m['mmd_p']:.3f})", _num(m["color"]), _num(m["texture"]), _num(m["size"], 2),
-                     labels, _num(m["logme"]), _num(result.ranking.score[name]),
-                     result.ranking.step_driver.get(name) or ""])
+        rows.append([str(i), name, f"{d['encoded']}/{d['sampled']}", *(_cell(sig.name, m) for sig in SIGNALS),
+                     _num(result.ranking.score[name]), result.ranking.step_driver.get(name) or ""])
     return rows
 
 
@@ -93,8 +100,8 @@ def csv_rows(result: GapResult) -> list[dict[str, Any]]:
         m = result.measures[name]
         row = {"rank": i, "candidate": name, **{k: v for k, v in result.datasets[name].items() if k != "splits"},
                "splits": ",".join(result.datasets[name]["splits"])}
-        for key in ("fd", "mmd", "mmd_p", "color", "texture", "size", "labels", "logme"):
-            row[key] = m.get(key)
+        row.update({sig.name: m.get(sig.name) for sig in SIGNALS})
+        row["mmd_p"] = m["mmd_p"]
         row.update({f"fd_depth{j + 1}": v for j, v in enumerate(m["fd_depths"])})
         row.update({f"fd_raw_depth{j + 1}": v for j, v in enumerate(m["fd_raw"])})
         row["shared_classes"] = ";".join(m["shared"]) if m["shared"] is not None else None
