@@ -13,7 +13,8 @@ app = typer.Typer(help="Label-efficient land-cover segmentation: shard, distil, 
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 # (module under distseg.commands, attribute, command name). Attributes that are typer.Typer objects
-# become command groups (``distseg bench train``), functions become plain commands.
+# become command groups (``distseg bench train``), functions become plain commands (parsed by their
+# ``typer_command_class`` when they set one).
 _COMMANDS: list[tuple[str, str, str]] = [
     ("data", "shard_data", "shard-data"),
     ("data", "inspect", "inspect"),
@@ -24,6 +25,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("run", "run", "run"),
     ("run", "demo", "demo"),
     ("bench", "app", "bench"),
+    ("gap", "domain_gap", "domain-gap"),
 ]
 
 
@@ -33,7 +35,7 @@ def _register() -> None:
         if isinstance(obj, typer.Typer):
             app.add_typer(obj, name=name)
         else:
-            app.command(name)(obj)
+            app.command(name, cls=getattr(obj, "typer_command_class", None))(obj)
 
 
 _register()

