@@ -62,6 +62,7 @@ def predict(
     from distseg.engine.checkpoint import CheckpointError
     from distseg.inference.errors import PredictError
     from distseg.inference.summary import combine, print_summary
+    from distseg.models.architectures import InputSizeError
     from distseg.models.weights import WeightsError
     from distseg.engine.distributed import init_distributed
     from distseg.predict import PredictConfig, predict_paths, resolve_device
@@ -84,7 +85,7 @@ def predict(
                 import torch.distributed
 
                 torch.distributed.destroy_process_group()
-    except (PredictError, CheckpointError, DataError, ConfigError, WeightsError) as exc:
+    except (PredictError, CheckpointError, DataError, ConfigError, WeightsError, InputSizeError) as exc:
         _fail(str(exc))
     if rank == 0 and not quiet:
         for summary in summaries if len(summaries) <= _TABLES_MAX else [combine(summaries)]:

@@ -39,12 +39,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     from distseg.config import ConfigError
     from distseg.data.errors import DataError
     from distseg.engine.checkpoint import CheckpointError
+    from distseg.models.architectures import InputSizeError
     from distseg.models.backbones import PretrainedWeightsError
     from distseg.models.weights import WeightsError
     from distseg.stages.common import StageError
 
     return (ConfigError, StageError, DataError, CheckpointError, WeightsError, PretrainedWeightsError,
-            FileNotFoundError)
+            InputSizeError, FileNotFoundError)
 
 
 def make_app(kind: str) -> typer.Typer:

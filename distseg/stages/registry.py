@@ -20,6 +20,8 @@ MODULES: dict[str, str] = {
     "distill": "distseg.stages.distill",
     "ssl": "distseg.stages.ssl",
     "finetune": "distseg.stages.finetune",
+    "ddpm": "distseg.stages.ddpm",
+    "ddpm_head": "distseg.stages.ddpm_head",
 }
 """Kind name -> the module whose ``KIND`` describes it (the registration)."""
 
