@@ -11,7 +11,7 @@ from distseg.pipeline import build_plan, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 RECIPES = [p for p in RECIPES if p.name != "dubai_classes.yaml"]
-EXPECTED = {"demo", "dubai_10pct", "eh_mkd_ssl", "eh_ablation", "cityscapes_semi"}
+EXPECTED = {"demo", "dubai_10pct", "dubai_ddpm", "eh_mkd_ssl", "eh_ablation", "cityscapes_semi"}
 
 
 def _vars(tmp_path: Path) -> dict[str, str]:
@@ -82,3 +82,23 @@ def test_dubai_recipe_validates_against_the_real_data(tmp_path):
     assert chain.data.shards == str(tmp_path / "run" / "shards" / "dubai")
     assert (chain.options.alpha, chain.options.init_from_teacher) == (1.0, True)
     assert plan.recipe.datasets["dubai"].shard.labeled_fraction == 0.1
+
+
+def test_ddpm_recipe_trains_one_denoiser_for_every_seed(tmp_path):
+    from distseg.models.ddpm_head import DDPMSegmenterConfig
+
+    recipe = next(p for p in RECIPES if p.stem == "dubai_ddpm")
+    plans = [build_plan(load_recipe(recipe, {**_vars(tmp_path), "SEED": str(seed)}, out=str(tmp_path / "run")),
+                        recipe, require_inputs=False) for seed in (0, 1)]
+    stages = [{s.name: s for s in plan.stages} for plan in plans]
+    ddpm = [s["ddpm"].config for s in stages]
+    assert ddpm[0].identity(1) == ddpm[1].identity(1), "every seed must reuse the one ddpm stage"
+    assert ddpm[0].data.unlabeled and ddpm[0].options.denoiser.image_size == 64
+    head, control = stages[1]["head_s1"].config, stages[1]["control_s1"].config
+    assert head.train.seed == 1 and control.options.random_extractor and not head.options.random_extractor
+    # the heads' extractor fits the denoiser the ddpm stage trains
+    DDPMSegmenterConfig(denoiser=ddpm[0].options.denoiser, extractor=head.options.extractor, num_classes=5)
+    finetune = stages[0]["finetune_s0"].config
+    assert (finetune.model.backbone, finetune.model.pretrained, finetune.optim.name) == \
+        ("efficientnet_lite0", "imagenet", "adamw")
+    assert (finetune.train.steps, finetune.train.eval_every, finetune.global_batch) == (200, 25, 8)
