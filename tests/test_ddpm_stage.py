@@ -162,20 +162,33 @@ def _ddpm_options(**extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ddpm_run(tmp_path_factory, target_shards) -> Path:
+def tiled_shards(tmp_path_factory) -> Path:
+    """Synthetic target-domain scenes cut into 64-px tiles (the UNet takes sides that divide by 4)."""
+    from distseg.data.shard import shard_dataset
+    from distseg.data.synthetic import write_dataset
+
+    tmp = tmp_path_factory.mktemp("tiled")
+    raw = write_dataset(tmp / "raw", 16, size=(64, 128), domain="target", seed=0, n_unlabeled=8)
+    shard_dataset(tmp / "shards", images=raw / "images", masks=raw / "masks", unlabeled=raw / "unlabeled",
+                  classes=raw / "classes.yaml", split="6:1:1", seed=0, shard_size=8, tile=64, force=True)
+    return tmp / "shards"
+
+
+@pytest.fixture(scope="module")
+def ddpm_run(tmp_path_factory, tiled_shards) -> Path:
     """A 2-process `deepspeed --num_gpus 2` ddpm stage with ZeRO-1 on gloo."""
     tmp = tmp_path_factory.mktemp("ddpm_run")
     cfg = _stage_config(tmp, "ddpm", _ddpm_options(), steps=4, ckpt_every=2)
-    launch("ddpm.py", "--config", str(cfg), "--data", str(target_shards), "--ds_config", "ds_configs/zero1_fp32.json",
+    launch("ddpm.py", "--config", str(cfg), "--data", str(tiled_shards), "--ds_config", "ds_configs/zero1_fp32.json",
            "--out", str(tmp / "ddpm"), nproc=2)
     return tmp / "ddpm"
 
 
 @pytest.fixture(scope="module")
-def head_run(tmp_path_factory, target_shards, ddpm_run) -> Path:
+def head_run(tmp_path_factory, tiled_shards, ddpm_run) -> Path:
     tmp = tmp_path_factory.mktemp("head_run")
     cfg = _stage_config(tmp, "ddpm_head", {"extractor": EXTRACTOR, "head": HEAD}, steps=4, eval_every=2)
-    launch("ddpm_head.py", "--config", str(cfg), "--data", str(target_shards), "--parent", str(ddpm_run),
+    launch("ddpm_head.py", "--config", str(cfg), "--data", str(tiled_shards), "--parent", str(ddpm_run),
            "--out", str(tmp / "head"))
     return tmp / "head"
 
@@ -197,7 +210,7 @@ def test_ddpm_stage_two_ranks_agree_and_draw_a_sample_grid(ddpm_run):
 
 
 @pytest.mark.slow
-def test_exported_head_round_trips_through_evaluate_predict_and_bench(head_run, target_shards, tmp_path):
+def test_exported_head_round_trips_through_evaluate_predict_and_bench(head_run, tiled_shards, tmp_path):
     from typer.testing import CliRunner
 
     from distseg.bench.records import read_records
@@ -207,7 +220,7 @@ def test_exported_head_round_trips_through_evaluate_predict_and_bench(head_run, 
     record = _record(head_run)
     assert record["finished"] and record["config"]["model"]["architecture"] == "ddpm_head"
     assert record["features"]["size"] == [32, 32]
-    launch("evaluate.py", str(head_run), "--data", str(target_shards), "--split", "val", "--tile", "32",
+    launch("evaluate.py", str(head_run), "--data", str(tiled_shards), "--split", "val", "--tile", "32",
            "--out", str(tmp_path))
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["whole_tile"]["confusion"] == record["metrics"]["student"]["confusion"]
@@ -235,9 +248,9 @@ def test_exported_head_round_trips_through_evaluate_predict_and_bench(head_run, 
 
 
 @pytest.mark.slow
-def test_ddpm_resume_after_kill_matches_uninterrupted_run(tmp_path, target_shards):
+def test_ddpm_resume_after_kill_matches_uninterrupted_run(tmp_path, tiled_shards):
     cfg = _stage_config(tmp_path, "ddpm", _ddpm_options(samples=0), steps=10, ckpt_every=2)
-    args = ["--config", str(cfg), "--data", str(target_shards)]
+    args = ["--config", str(cfg), "--data", str(tiled_shards)]
     launch("ddpm.py", *args, "--out", str(tmp_path / "straight"))
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "ddpm.py"), *args, "--out", str(killed)],
@@ -259,8 +272,9 @@ def test_ddpm_resume_after_kill_matches_uninterrupted_run(tmp_path, target_shard
 @pytest.mark.parametrize("sets, message", [
     (["ddpm_head.extractor.timesteps=[5,100]"], "outside the denoiser's schedule"),
     (["ddpm_head.extractor.blocks=[9]"], "unknown decoder block"),
+    (["data.stream.augment.crop_size=30"], "data.stream.augment.crop_size 30×30: this UNet (3 levels) takes sides"),
 ])
-def test_head_stage_bad_options_are_one_line_and_leave_nothing(tmp_path, target_shards, denoiser_parent, sets,
+def test_head_stage_bad_options_are_one_line_and_leave_nothing(tmp_path, tiled_shards, denoiser_parent, sets,
                                                                 message):
     folder = tmp_path / "ddpm"
     folder.mkdir()
@@ -268,8 +282,8 @@ def test_head_stage_bad_options_are_one_line_and_leave_nothing(tmp_path, target_
     (folder / "stage.json").write_text(json.dumps({"kind": "ddpm", "finished": True, "class_map": None,
                                                    "config": {"model": {"architecture": "ddpm_unet", **DENOISER}}}))
     cfg = _stage_config(tmp_path, "ddpm_head", {"extractor": EXTRACTOR, "head": HEAD})
-    proc = launch("ddpm_head.py", "--config", str(cfg), "--data", str(target_shards), "--parent", str(folder),
+    proc = launch("ddpm_head.py", "--config", str(cfg), "--data", str(tiled_shards), "--parent", str(folder),
                   "--out", str(tmp_path / "out"), *[a for s in sets for a in ("--set", s)], check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
-    assert str(folder) in lines[-1] and not (tmp_path / "out").exists()
+    assert (str(folder) in lines[-1] or "crop_size" in message) and not (tmp_path / "out").exists()

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from distseg.data.batch import Batches
+from distseg.data.manifest import read_manifest
 from distseg.losses import supervised_loss
+from distseg.models.architectures import InputSizeError
 from distseg.models.ddpm_head import DDPMSegmenter, DDPMSegmenterConfig
 from distseg.models.denoiser import DenoiserConfig
 from distseg.models.diffusion_features import ExtractorConfig
@@ -52,6 +54,20 @@ def denoiser_parent(parent: Parent | None) -> Parent:
     return parent
 
 
+def check_sizes(denoiser: DenoiserConfig, cfg) -> None:
+    """Refuse training crops and shard tiles the UNet cannot take before training starts, not at the first
+    validation (shards cut without ``--tile`` keep their images' own sizes and are checked when they are read)."""
+    sides = [("data.stream.augment.crop_size", cfg.data.stream.augment.crop_size)]
+    if cfg.data.shards:
+        sides.append((f"{cfg.data.shards}: tile", read_manifest(cfg.data.shards)["options"].get("tile")))
+    for where, side in sides:
+        if side:
+            try:
+                denoiser.check_size(side, side, where)
+            except InputSizeError as exc:
+                raise StageError(str(exc)) from None
+
+
 class DDPMHeadTask(Task):
     """A DDPMSegmenter in the engine; only its head's parameters are optimised unless the extractor is unfrozen."""
 
@@ -62,6 +78,7 @@ class DDPMHeadTask(Task):
                                       num_classes=self.class_map.num_classes)
         except ValueError as exc:
             raise StageError(f"{parent.folder}: {exc}") from None
+        check_sizes(parent.model_cfg, self.cfg)
         model = DDPMSegmenter(cfg)
         if not opts.random_extractor:
             load_weights(model.features.unet, parent.weights, strict=True)
