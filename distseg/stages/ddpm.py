@@ -142,6 +142,7 @@ def draw_samples(unet: torch.nn.Module, scheduler, size: int, count: int, steps:
     """``count`` images in [0, 1] (count×3×size×size) denoised from seeded noise by DDIM (η = 0) over ``steps``
     steps of the training schedule: deterministic, and far fewer steps than ancestral DDPM sampling needs."""
     from diffusers import DDIMScheduler
+    from rich.progress import track
 
     sampler = DDIMScheduler.from_config(scheduler.config)
     sampler.set_timesteps(steps)
@@ -149,7 +150,7 @@ def draw_samples(unet: torch.nn.Module, scheduler, size: int, count: int, steps:
     x = torch.randn(count, 3, size, size, generator=generator).to(device)
     was_training = unet.training
     unet.eval()
-    for t in sampler.timesteps:
+    for t in track(sampler.timesteps, description=f"sampling {count} images", transient=True):
         eps = unet(x, t.to(device).expand(count), return_dict=False)[0]
         x = sampler.step(eps, t, x).prev_sample
     unet.train(was_training)

@@ -48,7 +48,7 @@ class DDPMHeadOptions:
 def denoiser_parent(parent: Parent | None) -> Parent:
     """The parent when it is a finished ddpm stage (a denoiser with its weights), else a clear error."""
     if parent is None or not isinstance(parent.model_cfg, DenoiserConfig):
-        where = parent.folder or parent.weights if parent else "(none)"
+        where = (parent.folder or parent.weights) if parent else "(none)"
         what = parent.model_cfg.architecture if parent and parent.folder else "not a stage folder"
         raise StageError(f"{where}: a ddpm_head stage needs a finished ddpm stage folder as its parent ({what})")
     return parent
