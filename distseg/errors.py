@@ -19,13 +19,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from distseg.engine.finite import NonFiniteError
     from distseg.folders import FolderError
     from distseg.inference.errors import PredictError
+    from distseg.models.architectures import InputSizeError
     from distseg.models.backbones import PretrainedWeightsError
     from distseg.models.weights import WeightsError
     from distseg.pipeline.recipe import RecipeError
     from distseg.stages.common import StageError
 
     return (ConfigError, StageError, DataError, CheckpointError, WeightsError, PretrainedWeightsError, PredictError,
-            RecipeError, FolderError, NonFiniteError, OSError)
+            InputSizeError, RecipeError, FolderError, NonFiniteError, OSError)
 
 
 def describe(exc: BaseException) -> str:

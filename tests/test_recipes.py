@@ -12,7 +12,7 @@ from distseg.pipeline import build_plan, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 RECIPES = [p for p in RECIPES if p.name != "dubai_classes.yaml"]
-EXPECTED = {"demo", "dubai_10pct", "dubai_dapt", "eh_mkd_ssl", "eh_ablation", "cityscapes_semi"}
+EXPECTED = {"demo", "dubai_10pct", "dubai_dapt", "dubai_ddpm", "eh_mkd_ssl", "eh_ablation", "cityscapes_semi"}
 
 
 def _vars(tmp_path: Path) -> dict[str, str]:
@@ -95,3 +95,24 @@ def test_dubai_recipe_validates_against_the_real_data(tmp_path):
     labels = [s.spec.label for s in plan.stages if s.kind == "eval" and s.name.endswith(".s0")]
     assert labels == ["(a) fine-tune", "(b) SKD", "(c) (a) + SSL", "(d) (b) + SSL", "(e) (a) + control"]
     assert plan.recipe.baseline == "(a) fine-tune"
+
+
+def test_ddpm_recipe_trains_one_denoiser_for_every_seed(tmp_path):
+    from distseg.models.ddpm_head import DDPMSegmenterConfig
+
+    recipe = next(p for p in RECIPES if p.stem == "dubai_ddpm")
+    plan = build_plan(load_recipe(recipe, _vars(tmp_path), out=str(tmp_path / "run")), recipe, require_inputs=False)
+    stages = plan.by_name()
+    assert [s.name for s in plan.stages if s.kind == "ddpm"] == ["ddpm"], "one denoiser, shared by every seed"
+    ddpm = stages["ddpm"].config
+    assert ddpm.data.unlabeled and ddpm.options.denoiser.image_size == 64
+    head, control = stages["head.s1"].config, stages["control.s1"].config
+    assert head.parent == control.parent == str(tmp_path / "run" / "ddpm")
+    assert head.train.seed == 1 and control.options.random_extractor and not head.options.random_extractor
+    # the heads' extractor fits the denoiser the ddpm stage trains
+    DDPMSegmenterConfig(denoiser=ddpm.options.denoiser, extractor=head.options.extractor, num_classes=5)
+    finetune = stages["finetune.s0"].config
+    assert (finetune.model.backbone, finetune.model.pretrained, finetune.optim.name) == \
+        ("efficientnet_lite0", "imagenet", "adamw")
+    assert (finetune.train.steps, finetune.train.eval_every, finetune.global_batch) == (200, 25, 8)
+    assert plan.recipe.baseline == "ImageNet fine-tune"

@@ -47,15 +47,22 @@ class InferOptions:
 
 
 def run_infer(model_cfg, opts: InferOptions, out_dir: str) -> dict[str, Any]:
-    """Time ``opts.iters`` forwards of a random-weight model and append the record to ``out_dir/bench.jsonl``."""
+    """Time ``opts.iters`` forwards of a random-weight model and append the record to ``out_dir/bench.jsonl``.
+
+    ``model_cfg`` is the config of any registered segmenter architecture (``ModelConfig``, or e.g. a ddpm_head
+    stage's ``config.model``).
+    """
     import torch
 
     from distseg.bench.timing import peak_memory_gb, reset_peak_memory
     from distseg.config import to_dict
     from distseg.models import build_model
+    from distseg.models.architectures import architecture_of, require_segmenter
     from distseg.models.profile import bench_infer, count_flops
 
-    model_cfg = dataclasses.replace(model_cfg, pretrained=None)
+    require_segmenter(model_cfg, "bench infer --model")
+    if hasattr(model_cfg, "pretrained"):
+        model_cfg = dataclasses.replace(model_cfg, pretrained=None)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {opts.device}: CUDA is not available on this machine")
@@ -71,7 +78,8 @@ def run_infer(model_cfg, opts: InferOptions, out_dir: str) -> dict[str, Any]:
     peak = (opts.peak_tflops or peak_tflops(record["device"]["name"], opts.precision)) if device.type == "cuda" \
         else None
     record.update(status="ok", stage="infer", tag=opts.tag, world_size=1, micro_batch=opts.batch,
-                  global_batch=opts.batch, precision=opts.precision, size=opts.size, backbone=model_cfg.backbone,
+                  global_batch=opts.batch, precision=opts.precision, size=opts.size,
+                  backbone=architecture_of(model_cfg).describe(model_cfg),
                   warmup=opts.warmup, steps=opts.iters, images_per_s=row["images_per_s"],
                   images_per_s_per_gpu=row["images_per_s"],
                   step_time_s={"median": seconds, "p90": None, "mean": seconds},

@@ -11,8 +11,9 @@ from typing import Optional
 
 import typer
 
-_MODEL_HELP = ("Model config (YAML/JSON): a ModelConfig mapping, a mapping with a 'model' key, or a stage.json. "
-               "Without it the defaults (HRNetV2-W48 + PSA) are used.")
+_MODEL_HELP = ("Model config (YAML/JSON): a model config mapping (any registered architecture; DeepLabV3+ unless it "
+               "names another), a mapping with a 'model' key, or a stage.json. Without it the defaults (HRNetV2-W48 + "
+               "PSA) are used.")
 _SET_HELP = "Override a model field, e.g. --set backbone=resnet101 --set psa=none (repeatable)."
 _FLOP_NOTE = ("FLOPs = 2 x MACs: torch.utils.flop_counter counts each multiply-add of a conv or matmul as 2 FLOPs "
               "and skips element-wise ops (norms, activations, interpolation).")
@@ -25,16 +26,27 @@ def _fail(message: str) -> None:
 
 
 def _config(model: Optional[Path], overrides: list[str]):
-    """Resolve the model config, turning config errors into the CLI's one-line failure."""
+    """Resolve the segmenter's config, turning config errors into the CLI's one-line failure."""
     import dataclasses
 
+    from distseg.models.architectures import require_segmenter
     from distseg.models.config import load_model_config
 
     try:
         cfg = load_model_config(model, overrides)
+        require_segmenter(cfg, str(model))
     except (ValueError, KeyError) as exc:
         _fail(str(exc))
-    return dataclasses.replace(cfg, pretrained=None)  # cost and speed do not depend on the weights
+    # cost and speed do not depend on the weights
+    return dataclasses.replace(cfg, pretrained=None) if hasattr(cfg, "pretrained") else cfg
+
+
+def _label(cfg) -> str:
+    """How tables name the model: the backbone and PSA layout for DeepLabV3+, the architecture's label otherwise."""
+    from distseg.models.architectures import architecture_of
+
+    label = architecture_of(cfg).describe(cfg)
+    return f"{label} + DeepLabV3+ (psa={cfg.psa})" if cfg.architecture == "deeplabv3plus" else label
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -65,7 +77,7 @@ def flops(
         net = build_model(cfg)
     one, many = count_flops(net, size, batch=1), count_flops(net, size, batch=batch)
     params = count_params(net)
-    table = Table(title=f"{cfg.backbone} + DeepLabV3+ (psa={cfg.psa}) at {size}x{size}")
+    table = Table(title=f"{_label(cfg)} at {size}x{size}")
     for col in ("", "params (M)", "GMACs", "GFLOPs"):
         table.add_column(col, justify="right")
     table.add_row("per image", f"{params / 1e6:.2f}", f"{one['gmacs']:.1f}", f"{one['gflops']:.1f}")
@@ -108,12 +120,12 @@ def bench_infer(
     batches = sorted({1, batch})
     console = Console()
     try:
-        with console.status(f"timing {cfg.backbone} (psa={cfg.psa}) at {size}x{size} on {device}"):
+        with console.status(f"timing {_label(cfg)} at {size}x{size} on {device}"):
             rows = run_bench(build_model(cfg), size, batches, channels_last=channels_last, dtype=dtype,
                              compile=compile_, device=device, warmup=warmup, iters=iters)
     except ValueError as exc:
         _fail(str(exc))
-    table = Table(title=f"{cfg.backbone} (psa={cfg.psa}) {size}x{size}, {device}, {dtype}, "
+    table = Table(title=f"{_label(cfg)} {size}x{size}, {device}, {dtype}, "
                         f"channels_last={channels_last}, compile={compile_}")
     for col in ("batch", "ms / batch", "images / s"):
         table.add_column(col, justify="right")

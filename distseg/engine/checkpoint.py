@@ -188,21 +188,24 @@ def load_inference_model(path: str | Path, device: str | torch.device = "cpu", *
                          classes: str | None = None, which: str = WEIGHTS):
     """Build a model ready for inference from a stage folder, or from a weights file plus configs.
 
-    Returns ``(model, class_map)``. A stage folder carries its model config and class map in ``stage.json``; a bare
-    weights file needs ``model_config`` (YAML/JSON of ``ModelConfig``) and ``classes`` (class-map file).
+    Returns ``(model, class_map)``. A stage folder carries its model config (of any registered architecture, named
+    by its ``architecture`` key; DeepLabV3+ when absent) and class map in ``stage.json``; a bare weights file needs
+    ``model_config`` (a YAML/JSON model config) and ``classes`` (class-map file).
     """
-    from distseg.config import from_dict, read_mapping
+    from distseg.config import read_mapping
     from distseg.data.classes import ClassMap
-    from distseg.models import ModelConfig, build_model
+    from distseg.models import build_model, model_config_from_dict
+    from distseg.models.architectures import require_segmenter
     from distseg.models.weights import load_weights
 
     path = Path(path)
     if path.is_dir():
         record = read_stage(path)
+        mcfg = model_config_from_dict(record["config"]["model"], where=f"{path / STAGE_JSON}:model")
+        require_segmenter(mcfg, str(path))
         if record.get("class_map") is None:
             raise CheckpointError(f"{path}: a {record.get('kind')!r} stage holds an encoder without classes; run a "
                                   f"head or finetune stage on it (as its parent) before evaluating or predicting")
-        mcfg = from_dict(ModelConfig, record["config"]["model"], where=f"{path / STAGE_JSON}:model")
         class_map = ClassMap.from_dict(record["class_map"])
         weights = path / which
     else:
@@ -211,7 +214,8 @@ def load_inference_model(path: str | Path, device: str | torch.device = "cpu", *
         if model_config is None or classes is None:
             raise CheckpointError(f"{path}: a bare weights file needs --model (model config) and --classes "
                                   f"(class map); a stage folder carries both")
-        mcfg = from_dict(ModelConfig, read_mapping(model_config), where=model_config)
+        mcfg = model_config_from_dict(read_mapping(model_config), where=model_config)
+        require_segmenter(mcfg, model_config)
         class_map = ClassMap.from_file(classes)
         weights = path
     if mcfg.num_classes != class_map.num_classes:
@@ -219,6 +223,8 @@ def load_inference_model(path: str | Path, device: str | torch.device = "cpu", *
                               f"{class_map.num_classes}")
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights missing (stage not finished?)")
-    model = build_model(dataclasses.replace(mcfg, pretrained=None))
+    if hasattr(mcfg, "pretrained"):
+        mcfg = dataclasses.replace(mcfg, pretrained=None)
+    model = build_model(mcfg)
     load_weights(model, weights)
     return model.to(device).eval(), class_map

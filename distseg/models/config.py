@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from distseg.config import apply_overrides, from_dict, read_mapping
+from distseg.config import apply_overrides, read_mapping
 from distseg.models.backbones import BACKBONES, get_spec
 
 PsaLayout = Literal["none", "parallel", "sequential"]
@@ -19,6 +19,8 @@ class ModelConfig:
     The defaults are the study's model: HRNetV2-W48 with PSA on the fused stride-4 feature.
     """
 
+    architecture: Literal["deeplabv3plus"] = "deeplabv3plus"
+    """The entry of ``distseg.models.architectures`` this config builds (recorded in stage.json)."""
     backbone: str = "hrnet_w48"
     """Key of ``distseg.models.backbones.BACKBONES`` (e.g. ``hrnet_w48``, ``resnet101``, ``xception71``)."""
     num_classes: int = 6
@@ -48,6 +50,8 @@ class ModelConfig:
     """Backbone activation checkpointing through timm (trades compute for memory; not all backbones)."""
 
     def __post_init__(self) -> None:
+        if self.architecture != "deeplabv3plus":
+            raise ValueError(f"a ModelConfig describes a deeplabv3plus model, not {self.architecture!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone {self.backbone!r} is not registered; choose one of {sorted(BACKBONES)}")
         spec = get_spec(self.backbone)
@@ -80,12 +84,15 @@ class ModelConfig:
         return self.output_stride or 16
 
 
-def load_model_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ModelConfig:
-    """A ``ModelConfig`` from a YAML/JSON file plus ``key=value`` overrides; no file gives the defaults.
+def load_model_config(path: str | Path | None = None, overrides: list[str] | None = None):
+    """The model config of any registered architecture from a YAML/JSON file plus ``key=value`` overrides; no file
+    gives the DeepLabV3+ defaults.
 
     The file may hold the model mapping itself, a mapping with a ``model`` key (a stage config), or a
     ``stage.json`` (``config.model``), so any run folder's config can be profiled as it was trained.
     """
+    from distseg.models.architectures import model_config_from_dict
+
     data: dict = {}
     if path is not None:
         data = read_mapping(path)
@@ -93,4 +100,4 @@ def load_model_config(path: str | Path | None = None, overrides: list[str] | Non
             data = data["config"]
         if isinstance(data.get("model"), dict):
             data = data["model"]
-    return from_dict(ModelConfig, apply_overrides(data, overrides or []), where=str(path or "model"))
+    return model_config_from_dict(apply_overrides(data, overrides or []), where=str(path or "model"))

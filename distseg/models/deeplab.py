@@ -1,4 +1,4 @@
-"""DeepLabV3+ head over a registered backbone, with optional PSA, and ``build_model``."""
+"""DeepLabV3+ head over a registered backbone, with optional PSA: the ``deeplabv3plus`` architecture."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distseg.models.architectures import Architecture
 from distseg.models.backbones import Backbone, create_backbone
 from distseg.models.config import ModelConfig
 from distseg.models.psa import PolarizedSelfAttention
@@ -111,10 +112,14 @@ class DeepLabV3Plus(nn.Module):
         return groups
 
 
-def build_model(cfg: ModelConfig) -> DeepLabV3Plus:
+def build_deeplab(cfg: ModelConfig) -> DeepLabV3Plus:
     """Build the segmenter described by ``cfg`` (weights loaded as ``cfg.pretrained`` says).
 
     Works under ``torch.device("meta")`` for shape and FLOP checks without allocating weights
     (then leave ``pretrained`` unset).
     """
     return DeepLabV3Plus(cfg, create_backbone(cfg))
+
+
+ARCHITECTURE = Architecture("deeplabv3plus", ModelConfig, build_deeplab,
+                            describe=lambda cfg: cfg.backbone)

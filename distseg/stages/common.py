@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from distseg.config import from_dict
 from distseg.data.classes import ClassMap
 from distseg.engine import checkpoint as ckpt
-from distseg.models import ModelConfig, build_model
+from distseg.models import ModelConfig, build_model, model_config_from_dict
 from distseg.models.weights import load_weights
 
 
@@ -22,7 +22,8 @@ class StageError(ValueError):
 class Parent:
     """The model a stage starts from or distils from."""
 
-    model_cfg: ModelConfig
+    model_cfg: Any
+    """The parent's model config, of any registered architecture (``ModelConfig`` for DeepLabV3+)."""
     weights: Path | None
     class_map: ClassMap | None
     folder: Path | None = None
@@ -42,7 +43,7 @@ def resolve_parent(path: str | None, fallback: ModelConfig) -> Parent:
         if not ckpt.is_finished(p):
             raise StageError(f"{p}: parent stage is not finished (no model.safetensors / finished stage.json)")
         record = ckpt.read_stage(p)
-        mcfg = from_dict(ModelConfig, record["config"]["model"], where=f"{p / ckpt.STAGE_JSON}:model")
+        mcfg = model_config_from_dict(record["config"]["model"], where=f"{p / ckpt.STAGE_JSON}:model")
         classes = ClassMap.from_dict(record["class_map"]) if record.get("class_map") else None
         return Parent(model_cfg=mcfg, weights=p / ckpt.WEIGHTS, class_map=classes, folder=p)
     if p.is_file():
@@ -53,6 +54,7 @@ def resolve_parent(path: str | None, fallback: ModelConfig) -> Parent:
 def parent_matching(parent: Parent, class_map: ClassMap, role: str) -> Parent:
     """``parent`` when it already predicts ``class_map`` (only a kind that ``changes_classes`` may change the
     class set); ``role`` names the parent in the error ("teacher", "start model")."""
+    deeplab_parent(parent)
     where = parent.folder or parent.weights
     if parent.class_map is not None and parent.class_map != class_map:
         raise StageError(f"{where}: the {role}'s classes {parent.class_map.names} differ from the data's "
@@ -81,8 +83,10 @@ def start_model(parent: Parent | None, cfg, num_classes: int) -> tuple[nn.Module
 def build_from(parent: Parent, num_classes: int | None = None, pretrained: str | None = None) -> nn.Module:
     """Build the parent's architecture and load its weights; ``num_classes`` swaps in a fresh classifier.
 
-    When a new class count is asked for, the parent's classifier may have any shape (it is replaced anyway).
+    When a new class count is asked for, the parent's classifier may have any shape (it is replaced anyway). The
+    stage kinds that call this train DeepLabV3+ models, so a parent of another architecture is refused here.
     """
+    deeplab_parent(parent)
     cfg = dataclasses.replace(parent.model_cfg, pretrained=pretrained if parent.weights is None else None)
     model = build_model(cfg)
     if parent.weights is not None:
@@ -90,6 +94,13 @@ def build_from(parent: Parent, num_classes: int | None = None, pretrained: str |
     if num_classes is not None and num_classes != cfg.num_classes:
         model.replace_classifier(num_classes)
     return model
+
+
+def deeplab_parent(parent: Parent) -> None:
+    """Refuse a parent that is not a DeepLabV3+ model (e.g. a ddpm or ddpm_head stage) with a clear error."""
+    if not isinstance(parent.model_cfg, ModelConfig):
+        raise StageError(f"{parent.folder or parent.weights}: the parent is a {parent.model_cfg.architecture} model; "
+                         f"this stage trains DeepLabV3+ models (head, distill, ssl and finetune start from one)")
 
 
 def frozen(model: nn.Module) -> nn.Module:

@@ -21,6 +21,8 @@ MODULES: dict[str, str] = {
     "ssl": "distseg.stages.ssl",
     "finetune": "distseg.stages.finetune",
     "mim": "distseg.stages.mim",
+    "ddpm": "distseg.stages.ddpm",
+    "ddpm_head": "distseg.stages.ddpm_head",
 }
 """Kind name -> the module whose ``KIND`` describes it (the registration)."""
 

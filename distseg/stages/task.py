@@ -25,7 +25,6 @@ from distseg.data.batch import Batch, Batches
 from distseg.data.classes import ClassMap
 from distseg.engine import checkpoint as ckpt
 from distseg.engine.distributed import DistEnv, sync_bn_buffers
-from distseg.models import ModelConfig
 from distseg.models.weights import save_weights
 from distseg.stages.common import Parent
 
@@ -47,11 +46,12 @@ class StageContext:
 
 class Student(NamedTuple):
     """What :meth:`Task.build` returns: the module DeepSpeed trains, the parameters it optimises, and the model
-    config recorded in stage.json (what a later stage or ``predict`` rebuilds)."""
+    config recorded in stage.json (what a later stage or ``predict`` rebuilds): a config of any registered
+    architecture (``distseg.models.architectures``), e.g. ``ModelConfig`` for DeepLabV3+."""
 
     module: nn.Module
     params: list[nn.Parameter]
-    model_cfg: ModelConfig
+    model_cfg: Any
 
 
 class Task:

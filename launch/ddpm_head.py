@@ -1,0 +1,11 @@
+"""Stage launcher: `deepspeed launch/ddpm_head.py --ds_config ds_configs/<cfg>.json --out DIR ...` (ddpm_head)."""
+import os
+import sys
+
+# This folder holds ssl.py, which would shadow the standard library's ssl module for everything imported below.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+from distseg.stages.launcher import main  # noqa: E402
+
+if __name__ == "__main__":
+    main("ddpm_head", prog="launch/ddpm_head.py")
