@@ -50,8 +50,8 @@ def test_wheel_holds_configs_recipes_and_runs_outside_the_repo(installed, tmp_pa
                   "print(r.folder('ds_configs')); print(r.folder('recipes'))"], cwd=outside).stdout.split()
     assert all(str(installed) in w for w in where), where  # the installed copy, not the checkout
     assert (Path(where[1]) / "zero1_bf16.json").is_file() and (Path(where[2]) / "demo.yaml").is_file()
-    dry = _run([str(cli), "run", "demo", "--dry-run", "--var", f"DATA={tmp_path}", "--var",
-                f"INIT={tmp_path / 'init.safetensors'}", "--out", str(tmp_path / "run")], cwd=outside)
+    dry = _run([str(cli), "run", "demo", "--dry-run", "--var", f"DATA={tmp_path}", "--out", str(tmp_path / "run")],
+               cwd=outside)
     assert dry.stdout.count("-m distseg.stages") == 12 and not (tmp_path / "run").exists()
     config = outside / "tiny.yaml"
     config.write_text(yaml.safe_dump({"model": {**TINY_MODEL, "pretrained": None},

@@ -204,8 +204,9 @@ def load_inference_model(path: str | Path, device: str | torch.device = "cpu", *
         mcfg = model_config_from_dict(record["config"]["model"], where=f"{path / STAGE_JSON}:model")
         require_segmenter(mcfg, str(path))
         if record.get("class_map") is None:
-            raise CheckpointError(f"{path}: a {record.get('kind')!r} stage holds an encoder without classes; run a "
-                                  f"head or finetune stage on it (as its parent) before evaluating or predicting")
+            raise CheckpointError(f"{path}: a {record.get('kind')!r} stage with no class map (an encoder trained "
+                                  f"without labels); run a head or finetune stage on it (as its parent) before "
+                                  f"evaluating or predicting")
         class_map = ClassMap.from_dict(record["class_map"])
         weights = path / which
     else:
