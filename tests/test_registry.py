@@ -107,3 +107,28 @@ def test_a_task_step_runs_in_process_on_a_cpu_batch(kind, options):
     losses["loss"].backward()
     trained = {id(p) for p in student.params}
     assert all((p.grad is not None) == (id(p) in trained) for p in student.module.parameters())
+
+
+def test_a_new_kind_is_one_file_and_one_registration_line(tmp_path, target_shards, init_weights):
+    """tests/kinds/linear_probe.py plus ``MODULES[...] = ...`` runs as a stage through the module launcher."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import REPO, stage_env, tiny_stage_config
+
+    register = (f"import sys; sys.path.insert(0, {str(REPO / 'tests' / 'kinds')!r}); "
+                "from distseg.stages import registry; registry.MODULES['linear_probe'] = 'linear_probe'; "
+                "from distseg.stages.__main__ import main; main()")
+    out = tmp_path / "probe"
+    run = subprocess.run([sys.executable, "-c", register, "linear_probe", "--config", str(tiny_stage_config(tmp_path)),
+                          "--data", str(target_shards), "--parent", str(init_weights), "--out", str(out)],
+                         capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((out / "stage.json").read_text())
+    assert record["kind"] == "linear_probe" and record["finished"]
+    start, probe = load_file(init_weights), load_file(out / "model.safetensors")
+    changed = {k for k in probe if k in start and not torch.equal(start[k], probe[k])}
+    assert changed and all(k.startswith("classifier.") for k in changed), sorted(changed)  # only the classifier
