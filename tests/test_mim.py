@@ -122,3 +122,27 @@ def test_mim_input_errors(tmp_path, target_shards):
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr
         assert not (tmp_path / "x").exists()
+
+
+def test_swin_tiny_trains_as_a_segmenter_and_as_a_masked_reconstructor():
+    """The paper's Swin-T (timm, random init, tiny input): channels-last stages, any crop size, MIM and DeepLabV3+."""
+    from distseg.models import ModelConfig, build_model
+    from distseg.models.mim import build_reconstructor
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="swin_tiny", num_classes=4, psa="none", aspp_channels=16, low_level_channels=8,
+                      decoder_channels=16)
+    model = build_model(cfg)
+    assert (model.backbone.low_channels, model.backbone.high_channels, model.backbone.high_stride) == (96, 768, 32)
+    images = torch.rand(2, 3, 64, 96)  # not a multiple of the 7-token window: timm pads the windows
+    logits = model(images)
+    assert logits.shape == (2, 4, 64, 96) and torch.isfinite(logits).all()
+    recon = build_reconstructor(cfg, width=16)
+    edges = masking.edge_map(images)
+    density = masking.patch_density(edges, 16)
+    mask = masking.pixel_mask(masking.sample_patch_mask(density, 0.6, 0.5), 16)
+    target = masking.patch_normalised(images, 16)
+    loss = masking.masked_reconstruction_loss(recon(images, mask), target, mask, edges, beta=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and recon.mask_token.grad is not None
+    assert all(p.grad is not None for p in recon.backbone.parameters() if p.requires_grad)

