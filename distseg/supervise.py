@@ -119,3 +119,21 @@ def raise_on_terminate() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def deferred_stop() -> Iterator[list[int]]:
+    """Inside: SIGINT and SIGTERM are only recorded (in the yielded list), not raised, so a stop request never
+    interrupts the progress display halfway through one of its locks; the caller checks the list at a safe point and
+    stops. The previous handlers are restored afterwards."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -5,6 +5,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from distseg.engine import checkpoint as ckpt
 from distseg.pipeline.plan import PlannedStage
 from distseg.pipeline.recipe import EVAL
 from distseg.stages.folder import same_run
-from distseg.supervise import parent_death_signal, stop_group, supervised_env
+from distseg.supervise import Interrupted, deferred_stop, parent_death_signal, stop_group, supervised_env
 
 LOG_NAME = "run.log"
 
@@ -130,12 +131,15 @@ def run_process(stage: PlannedStage, decision: Decision, log_path: Path, progres
         proc = subprocess.Popen(stage.command + decision.flags, stdout=log, stderr=subprocess.STDOUT,
                                 env=child_env(), start_new_session=True, preexec_fn=parent_death_signal())
         try:
-            while proc.poll() is None:
-                time.sleep(0.5)
-                if stage.config is not None:
-                    step, row = _last_step(stage.folder / "metrics.jsonl")
-                    loss = f"loss {row['loss']:.3f}" if "loss" in row else ""
-                    progress.update(task, completed=step, info=loss)
+            with deferred_stop() as stop:
+                while proc.poll() is None and not stop:
+                    time.sleep(0.5)
+                    if stage.config is not None:
+                        step, row = _last_step(stage.folder / "metrics.jsonl")
+                        loss = f"loss {row['loss']:.3f}" if "loss" in row else ""
+                        progress.update(task, completed=step, info=loss)
+            if stop:
+                raise KeyboardInterrupt if stop[0] == signal.SIGINT else Interrupted(stop[0])
         except BaseException:  # Ctrl-C, SIGTERM (Interrupted) or any failure here: the stage must not run on
             stop_group(proc)
             raise
