@@ -115,24 +115,12 @@ _FISHER, _ANCHOR = "fisher.", "anchor."
 
 def save_fisher(path: str | Path, fisher: dict[str, Tensor], anchor: dict[str, Tensor] | None = None) -> None:
     """Write the Fisher (and optionally the anchor weights) to a safetensors file, atomically."""
-    from safetensors.torch import save_file
+    from distseg.models.weights import write_safetensors
 
-    from distseg.models.weights import WeightsError
-
-    path = Path(path)
     tensors = {_FISHER + k: v.detach().cpu().contiguous() for k, v in fisher.items()}
     if anchor is not None:
         tensors.update({_ANCHOR + k: v.detach().cpu().contiguous() for k, v in anchor.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "distseg-fisher", "has_anchor": str(anchor is not None)})
-        tmp.replace(path)
-    except OSError:
-        raise
-    except Exception as exc:  # safetensors reports I/O failures (a full disk) as its own error type
-        raise WeightsError(f"{path}: cannot write the Fisher ({type(exc).__name__}: {exc})") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_safetensors(tensors, path, {"format": "distseg-fisher", "has_anchor": str(anchor is not None)}, "the Fisher")
 
 
 def load_fisher(path: str | Path) -> FisherState:

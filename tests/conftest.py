@@ -1,9 +1,12 @@
 """Shared fixtures: tiny synthetic shard folders and helpers that run stage launchers in subprocesses."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +51,49 @@ def launch(script: str, *args: str, nproc: int = 1, check: bool = True, timeout:
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def stage_record(folder: Path) -> dict:
+    """A stage folder's ``stage.json``."""
+    return json.loads((folder / "stage.json").read_text())
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, out of its group)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_after_checkpoint(cmd: list[str], out: Path, step: int = 4) -> None:
+    """The kill -9 half of every resume test: start a run writing to ``out`` and SIGKILL it, launcher and every rank
+    at once, as soon as its step-``step`` checkpoint is complete (it may be writing the next one at that moment).
+    Fails unless the run was killed after that checkpoint and before it finished."""
+    proc = subprocess.Popen(cmd, env=stage_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    marker = out / "checkpoint" / f"step{step:08d}" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    for pid in _descendants(proc.pid) + [proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert marker.exists(), "the run ended before its checkpoint"
+    assert not stage_record(out)["finished"], "the run must be killed mid-way"
 
 
 def _shard(tmp: Path, domain: str, n: int, n_unlabeled: int, seed: int) -> Path:

@@ -3,9 +3,7 @@ through evaluate, predict and bench infer)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, launch, stage_env
+from conftest import REPO, kill_after_checkpoint, launch, stage_record
 from distseg.config import from_dict
 from distseg.data.batch import Batch, Batches
 from distseg.data.classes import ClassMap
@@ -153,9 +151,6 @@ def _stage_config(tmp: Path, kind: str, options: dict, **train) -> Path:
         "optim": {"name": "adamw", "lr": 2e-3}, "loss": {"kind": "ce"}, kind: options})
 
 
-def _record(folder: Path) -> dict:
-    return json.loads((folder / "stage.json").read_text())
-
 
 def _ddpm_options(**extra) -> dict:
     return {"denoiser": DENOISER, "ema_alpha": 0.9, "ema_warmup_steps": 0, "samples": 4, "sample_steps": 3, **extra}
@@ -195,7 +190,7 @@ def head_run(tmp_path_factory, tiled_shards, ddpm_run) -> Path:
 
 @pytest.mark.slow
 def test_ddpm_stage_two_ranks_agree_and_draw_a_sample_grid(ddpm_run):
-    record = _record(ddpm_run)
+    record = stage_record(ddpm_run)
     assert record["finished"] and record["world_size"] == 2 and record["steps"] == 4
     assert set(record["rank_divergence"]) == {"student", "ema"} and all(
         v == 0.0 for v in record["rank_divergence"].values()), record["rank_divergence"]
@@ -217,7 +212,7 @@ def test_exported_head_round_trips_through_evaluate_predict_and_bench(head_run, 
     from distseg.cli import app
     from distseg.engine.checkpoint import load_inference_model
 
-    record = _record(head_run)
+    record = stage_record(head_run)
     assert record["finished"] and record["config"]["model"]["architecture"] == "ddpm_head"
     assert record["features"]["size"] == [32, 32]
     launch("evaluate.py", str(head_run), "--data", str(tiled_shards), "--split", "val", "--tile", "32",
@@ -253,17 +248,9 @@ def test_ddpm_resume_after_kill_matches_uninterrupted_run(tmp_path, tiled_shards
     args = ["--config", str(cfg), "--data", str(tiled_shards)]
     launch("ddpm.py", *args, "--out", str(tmp_path / "straight"))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "ddpm.py"), *args, "--out", str(killed)],
-                            env=stage_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "checkpoint" / "step00000004" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    assert marker.exists() and not _record(killed)["finished"], "the run must be killed mid-way"
+    kill_after_checkpoint([sys.executable, str(REPO / "launch" / "ddpm.py"), *args, "--out", str(killed)], killed)
     launch("ddpm.py", *args, "--out", str(killed), "--resume")
-    assert _record(killed)["finished"] and _record(killed)["steps"] == 10
+    assert stage_record(killed)["finished"] and stage_record(killed)["steps"] == 10
     for name in ("model.safetensors", "student.safetensors"):  # the EMA and the trained weights
         straight, resumed = load_file(str(tmp_path / "straight" / name)), load_file(str(killed / name))
         assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6, name

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, stage_env, tiny_stage_config
+from conftest import REPO, kill_after_checkpoint, stage_env, stage_record, tiny_stage_config
 from distseg.engine.dsconfig import load_ds_config, precision
 
 pytestmark = pytest.mark.slow
@@ -82,60 +80,18 @@ def runs(tmp_path_factory, target_shards, init_weights):
     return tmp, cfg
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, out of its group)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _kill_after_checkpoint(cmd: list[str], folder: Path) -> None:
-    """Start a run and SIGKILL it, launcher and every rank at once, as soon as step KILL_AFTER's checkpoint is
-    complete (it may be writing the next one at that moment)."""
-    proc = subprocess.Popen(cmd, env=stage_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    marker = folder / "checkpoint" / f"step{KILL_AFTER:08d}" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    for pid in _descendants(proc.pid) + [proc.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-    assert marker.exists(), "the run ended before its checkpoint"
-
-
-def _record(folder: Path) -> dict:
-    return json.loads((folder / "stage.json").read_text())
-
-
 @pytest.mark.parametrize("ds,world", CASES, ids=[f"{ds}-{world}rank" for ds, world in CASES])
 def test_kill_and_resume_matches_the_uninterrupted_run(runs, target_shards, init_weights, ds, world):
     tmp, cfg = runs
     straight, killed = tmp / f"straight_{ds}_{world}", tmp / f"killed_{ds}_{world}"
     args = _stage_args(cfg, target_shards, init_weights, ds, killed)
     base = [*_command(world, 29900 + os.getpid() % 90), "-m", "distseg.stages", "finetune", *args]
-    _kill_after_checkpoint(base, killed)
-    record = _record(killed)
-    assert not record["finished"], "the run must be killed mid-way"
+    kill_after_checkpoint(base, killed, step=KILL_AFTER)
     resumed = subprocess.run(base + ["--resume"], capture_output=True, text=True, env=stage_env(), cwd=REPO,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stdout
-    done, reference = _record(killed), _record(straight)
+    done, reference = stage_record(killed), stage_record(straight)
     assert done["finished"] and done["steps"] == reference["steps"] == STEPS and done["world_size"] == world
     assert done["rank_divergence"] == {"student": 0.0}
     a, b = load_file(str(straight / "last" / "model.safetensors")), load_file(str(killed / "last" / "model.safetensors"))

@@ -2,21 +2,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, launch, stage_env, tiny_stage_config
+from conftest import REPO, kill_after_checkpoint, launch, stage_record, tiny_stage_config
 
 pytestmark = pytest.mark.slow
 
-
-def _record(folder):
-    return json.loads((folder / "stage.json").read_text())
 
 
 def _metrics(folder):
@@ -39,14 +34,14 @@ def chain(tmp_path_factory, target_shards, init_weights):
 
 
 def test_stages_finish_with_identical_replicas(chain):
-    assert _record(chain / "mim")["finished"] and _record(chain / "mim")["rank_divergence"] == {"student": 0.0}
+    assert stage_record(chain / "mim")["finished"] and stage_record(chain / "mim")["rank_divergence"] == {"student": 0.0}
     for name in ("head", "distill", "ssl"):
-        record = _record(chain / name)
+        record = stage_record(chain / name)
         assert record["finished"] and record["world_size"] == 2 and record["steps"] == 4
         assert (chain / name / "model.safetensors").is_file() and (chain / name / "fisher.safetensors").is_file()
         # parameters and BN buffers of every replica agree across ranks (teacher too, for ssl)
         assert record["rank_divergence"] and all(v == 0.0 for v in record["rank_divergence"].values()), record
-    assert set(_record(chain / "ssl")["rank_divergence"]) == {"student", "teacher"}
+    assert set(stage_record(chain / "ssl")["rank_divergence"]) == {"student", "teacher"}
 
 
 def test_head_stage_trains_only_the_classifier(chain, init_weights):
@@ -95,7 +90,7 @@ def test_exported_weights_reproduce_eval_miou(chain, target_shards, tmp_path):
     launch("evaluate.py", str(chain / "distill"), "--data", str(target_shards), "--split", "val", "--no-sliding",
            "--out", str(tmp_path))
     result = json.loads((tmp_path / "eval.json").read_text())
-    best = _record(chain / "distill")["metrics"]["student"]
+    best = stage_record(chain / "distill")["metrics"]["student"]
     assert result["whole_tile"]["miou"] == pytest.approx(best["miou"], abs=1e-9)
     assert result["whole_tile"]["confusion"] == best["confusion"]
 
@@ -116,17 +111,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, target_shards, in
     args = ["--config", str(cfg), "--data", str(target_shards), "--parent", str(init_weights), *extra]
     launch(script, *args, "--out", str(tmp_path / "straight"))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / script), *args, "--out", str(killed)],
-                            env=stage_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "checkpoint" / "step00000004" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    assert marker.exists() and not _record(killed)["finished"], "the run must be killed mid-way"
+    kill_after_checkpoint([sys.executable, str(REPO / "launch" / script), *args, "--out", str(killed)], killed)
     launch(script, *args, "--out", str(killed), "--resume")
-    assert _record(killed)["finished"] and _record(killed)["steps"] == 10
+    assert stage_record(killed)["finished"] and stage_record(killed)["steps"] == 10
     for name in exports:  # for ssl: the EMA teacher and the student
         assert _max_diff(tmp_path / "straight" / "last" / name, killed / "last" / name) < 1e-6, name
     lrs = [m["lr"] for m in _metrics(killed) if "lr" in m]

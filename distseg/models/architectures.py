@@ -10,13 +10,13 @@ Adding an architecture is one module that defines ``ARCHITECTURE = Architecture(
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
 
 from distseg.config import ConfigError, from_dict
+from distseg.lazy import lazy_entry
 
 ARCHITECTURES: dict[str, str] = {
     "deeplabv3plus": "distseg.models.deeplab",
@@ -57,12 +57,7 @@ def architecture_names() -> list[str]:
 
 def get_architecture(name: str) -> Architecture:
     """The registered architecture ``name``; an unknown name is a config error listing the known ones."""
-    if name not in ARCHITECTURES:
-        raise ConfigError(f"unknown model architecture {name!r}; registered: {architecture_names()}")
-    arch = importlib.import_module(ARCHITECTURES[name]).ARCHITECTURE
-    if arch.name != name:
-        raise RuntimeError(f"{ARCHITECTURES[name]}.ARCHITECTURE is named {arch.name!r}, registered as {name!r}")
-    return arch
+    return lazy_entry(ARCHITECTURES, name, "ARCHITECTURE", "model architecture", ConfigError)
 
 
 def architecture_of(cfg: Any) -> Architecture:

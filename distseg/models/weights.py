@@ -54,14 +54,20 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
 
     Non-finite weights are refused, and a failed write (full disk) leaves no temporary file behind.
     """
-    from safetensors.torch import save_file
-
     metadata = dict(metadata or {})
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise WeightsError(f"{path}: safetensors metadata must map str to str; bad entries: {bad}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     _refuse_nonfinite(tensors, str(path), "write")
+    write_safetensors(tensors, path, metadata, "weights")
+
+
+def write_safetensors(tensors: StateDict, path: str | Path, metadata: dict[str, str], what: str) -> None:
+    """Write CPU tensors to ``path`` through a temporary file, so a reader never sees a partial file and a failed
+    write (full disk) leaves nothing behind; a safetensors failure becomes a WeightsError naming the file."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -70,7 +76,7 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
     except OSError:
         raise
     except Exception as exc:  # safetensors reports I/O failures (a full disk) as its own error type
-        raise WeightsError(f"{path}: cannot write weights ({type(exc).__name__}: {exc})") from exc
+        raise WeightsError(f"{path}: cannot write {what} ({type(exc).__name__}: {exc})") from exc
     finally:
         tmp.unlink(missing_ok=True)
 

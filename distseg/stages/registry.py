@@ -8,9 +8,10 @@ Kind modules import torch; :func:`kind_names` does not import them, so command-l
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
+
+from distseg.lazy import lazy_entry
 
 if TYPE_CHECKING:
     from distseg.stages.task import Task
@@ -84,12 +85,7 @@ def kind_names() -> list[str]:
 
 def get_kind(name: str) -> StageKind:
     """The registered kind ``name``; an unknown name is an error listing the known ones."""
-    if name not in MODULES:
-        raise KeyError(f"unknown stage kind {name!r}; registered kinds: {kind_names()}")
-    kind = importlib.import_module(MODULES[name]).KIND
-    if kind.name != name:
-        raise RuntimeError(f"{MODULES[name]}.KIND is named {kind.name!r}, registered as {name!r}")
-    return kind
+    return lazy_entry(MODULES, name, "KIND", "stage kind", KeyError)
 
 
 def all_kinds() -> list[StageKind]:
