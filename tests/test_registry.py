@@ -33,6 +33,21 @@ def test_every_registered_kind_loads_and_every_launch_script_is_a_kind():
         get_kind("nope")
 
 
+def test_config_names_the_unknown_kind_with_the_lookup_wording():
+    from distseg.config import ConfigError
+    from distseg.stages.config import StageConfig
+
+    with pytest.raises(ConfigError, match=r"^stages\[2\]\.kind: unknown stage kind 'nope'; registered: \['head'"):
+        StageConfig.from_mapping({"kind": "nope"}, "stages[2]")
+
+
+def test_unknown_backbone_lists_the_registered_keys_sorted():
+    from distseg.models.backbones import BACKBONES, get_spec
+
+    with pytest.raises(KeyError, match=re.escape(f"unknown backbone 'nope'; registered: {sorted(BACKBONES)}")):
+        get_spec("nope")
+
+
 def test_module_help_lists_every_kind():
     out = subprocess.run([sys.executable, "-m", "distseg.stages", "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)

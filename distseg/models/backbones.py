@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distseg.lazy import unknown_name
+
 if TYPE_CHECKING:
     from distseg.models.config import ModelConfig
 
@@ -97,7 +99,7 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise KeyError(f"unknown backbone {name!r}; registered: {sorted(BACKBONES)}") from None
+        raise KeyError(unknown_name(sorted(BACKBONES), name, "backbone")) from None
 
 
 class PretrainedWeightsError(RuntimeError):

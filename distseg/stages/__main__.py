@@ -20,6 +20,7 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Dispatch to the kind named by the first positional argument."""
+    from distseg.lazy import unknown_name
     from distseg.stages.registry import kind_names
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run_kind(kind, args)
     else:
-        print(f"error: unknown stage kind {kind!r}; registered: {kind_names() + ['evaluate']}", file=sys.stderr)
+        print(f"error: {unknown_name(kind_names() + ['evaluate'], kind, 'stage kind')}", file=sys.stderr)
         raise SystemExit(2)
 
 

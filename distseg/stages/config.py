@@ -145,9 +145,10 @@ class StageConfig:
 
         data = dict(data)
         name = data.get("kind", cls.kind)
-        if name not in kind_names():
-            raise ConfigError(f"{where}.kind: unknown stage kind {name!r}; registered: {kind_names()}")
-        kind = get_kind(name)
+        try:
+            kind = get_kind(name)
+        except KeyError as exc:
+            raise ConfigError(f"{where}.kind: {exc.args[0]}") from None
         foreign = sorted(k for k in data if k in kind_names() and k != name)
         if foreign or "options" in data:
             raise ConfigError(f"{where}: section(s) {foreign or ['options']} do not apply to a {name} stage "
