@@ -129,17 +129,10 @@ def load_fisher(path: str | Path) -> FisherState:
     A Fisher must be finite and non-negative (it is a mean of squares): anything else would turn EWC's penalty into
     NaN or reward drifting away from the anchor.
     """
-    from safetensors.torch import load_file
-
-    from distseg.models.weights import WeightsError, nonfinite_keys
+    from distseg.models.weights import WeightsError, nonfinite_keys, read_state_dict
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no Fisher file")
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error type, or OSError, for a damaged file
-        raise WeightsError(f"{path}: not a readable safetensors file: {exc}") from exc
+    tensors = read_state_dict(path)
     fisher = {k[len(_FISHER):]: v for k, v in tensors.items() if k.startswith(_FISHER)}
     anchor = {k[len(_ANCHOR):]: v for k, v in tensors.items() if k.startswith(_ANCHOR)}
     if not fisher:

@@ -11,6 +11,7 @@ from distseg.config import ConfigError, from_dict
 from distseg.data.batch import Batch
 from distseg.fisher import compute_fisher, load_fisher, save_fisher
 from distseg.losses import EWC, SupervisedLossConfig, consistency_loss, kd_loss, supervised_loss
+from distseg.models.weights import WeightsError
 
 
 def _logits_target(seed: int = 0, b: int = 2, c: int = 4, h: int = 6, w: int = 5, ignore_frac: float = 0.3):
@@ -227,10 +228,10 @@ def test_fisher_file_round_trip_and_errors(tmp_path):
         assert torch.equal(state.fisher[k], fisher[k])
     save_fisher(path, fisher)
     assert load_fisher(path).anchor is None
-    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+    with pytest.raises(WeightsError, match="missing.safetensors: no such weights file"):
         load_fisher(tmp_path / "missing.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="bad.safetensors"):
+    with pytest.raises(WeightsError, match="bad.safetensors: cannot read weights"):
         load_fisher(tmp_path / "bad.safetensors")
 
 
