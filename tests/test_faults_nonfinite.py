@@ -29,7 +29,8 @@ from distseg.stages.config import OptimConfig
 
 env = init_distributed(device="cpu")
 out = {}
-for path in sys.argv[1:]:
+out_dir, configs = sys.argv[1], sys.argv[2:]
+for path in configs:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
     guard = StepGuard()
@@ -58,7 +59,10 @@ for path in sys.argv[1:]:
                        "lr_after": engine.get_lr()[0], "hook": task.applied,
                        "sum": float(sum(p.double().sum() for p in model.parameters()))})
     out[os.path.basename(path)] = record
-print("RESULT", env.rank, json.dumps(out))
+# one file per rank: two ranks printing to one pipe can interleave a long line
+with open(os.path.join(out_dir, f"rank{env.rank}.json.tmp"), "w") as f:
+    json.dump(out, f)
+os.replace(os.path.join(out_dir, f"rank{env.rank}.json.tmp"), os.path.join(out_dir, f"rank{env.rank}.json"))
 """
 
 
@@ -69,15 +73,12 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     script = tmp_path / "guard.py"
     script.write_text(_GUARD)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29300 + os.getpid() % 100), str(script), *configs],
+                           str(29300 + os.getpid() % 100), str(script), str(tmp_path), *configs],
                           capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT"):
-            _, rank, data = line.split(" ", 2)
-            results[int(rank)] = json.loads(data)
-    assert set(results) == {0, 1}
+    results = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)
+               if (tmp_path / f"rank{rank}.json").exists()}
+    assert set(results) == {0, 1}, proc.stdout[-3000:]
     for name in results[0]:
         for rank in (0, 1):
             steps = results[rank][name]
