@@ -40,6 +40,8 @@ CASES = [
     dict(tau=0.6, max_entropy=0.4),
     dict(tau=0.3, tile_keep_quantile=0.5),
     dict(tau=0.0, max_entropy=0.7, tile_keep_quantile=0.3),
+    dict(tau=torch.tensor([0.9, 0.2, 0.5, 0.0, 1.0])),
+    dict(tau=torch.tensor([0.3, 0.6, 0.4, 0.8, 0.5]), max_entropy=0.8, tile_keep_quantile=0.5),
 ]
 
 
@@ -96,6 +98,19 @@ def test_tile_selection_ties_go_to_earlier_tile():
     ]
 
 
+def test_a_per_class_tau_is_read_at_each_pixels_argmax_class():
+    x = _logits(b=2, h=5, w=5)
+    tau = torch.tensor([0.9, 0.2, 0.5, 0.0, 1.0])
+    out = pseudo_label(x, tau=tau, compile=False)
+    p = F.softmax(x, 1)
+    confidence, label = p.max(1)
+    expected = torch.tensor([[[confidence[b, i, j].item() >= tau[label[b, i, j]].item() for j in range(5)]
+                              for i in range(5)] for b in range(2)])
+    assert torch.equal(out.keep, expected) and out.keep.any() and not out.keep.all()
+    same = torch.full((5,), 0.5)
+    _assert_same(pseudo_label(x, tau=same, compile=False), pseudo_label(x, tau=0.5, compile=False))
+
+
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="B×C×H×W"):
         pseudo_label(torch.zeros(2, 3, 4))
@@ -103,6 +118,8 @@ def test_bad_input_raises():
         pseudo_label(torch.zeros(1, 3, 2, 2), tau=1.5)
     with pytest.raises(ValueError, match="tile_keep_quantile"):
         pseudo_label(torch.zeros(1, 3, 2, 2), tile_keep_quantile=0.0)
+    with pytest.raises(ValueError, match=r"one value per class \(3\), got shape \(4,\)"):
+        pseudo_label(torch.zeros(1, 3, 2, 2), tau=torch.full((4,), 0.5))
 
 
 def test_compile_failure_falls_back_to_eager_once(monkeypatch):
@@ -129,7 +146,8 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch):
 def test_compiled_matches_eager():
     """Inductor's fused kernels give the eager results (discrete outputs bit-identical)."""
     x = _logits(seed=7, b=2, h=16, w=16)
-    for kwargs in (dict(tau=0.5, max_entropy=0.6, tile_keep_quantile=0.5), dict(tau=0.0)):
+    for kwargs in (dict(tau=0.5, max_entropy=0.6, tile_keep_quantile=0.5), dict(tau=0.0),
+                   dict(tau=torch.tensor([0.9, 0.2, 0.5, 0.0, 1.0]))):
         _assert_same(pseudo_label(x, compile=True, **kwargs), pseudo_label(x, compile=False, **kwargs))
     assert not pseudo_mod._Compiled.failed
 

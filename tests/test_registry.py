@@ -99,7 +99,8 @@ def _batch(b: int = 2, size: int = 32, strong: bool = False) -> Batch:
 
 
 @pytest.mark.parametrize("kind, options", [("distill", {"ewc_lambda": 0.0}), ("ssl", {"tau": 0.0}), ("head", {}),
-                                           ("ssl", {"tau": 0.0, "feature_dropout": 0.5})])
+                                           ("ssl", {"tau": 0.0, "feature_dropout": 0.5}),
+                                           ("ssl", {"tau": 0.0, "adaptive_tau": True})])
 def test_a_task_step_runs_in_process_on_a_cpu_batch(kind, options):
     from distseg.models import ModelConfig
 
@@ -119,9 +120,35 @@ def test_a_task_step_runs_in_process_on_a_cpu_batch(kind, options):
     if kind == "ssl":
         assert losses["kept_fraction"] == 1.0 and "cons" in losses
         assert ("cons_fp" in losses) == (options.get("feature_dropout", 0) > 0)
+        assert ("class_tau" in losses) == options.get("adaptive_tau", False)
     losses["loss"].backward()
     trained = {id(p) for p in student.params}
     assert all((p.grad is not None) == (id(p) in trained) for p in student.module.parameters())
+
+
+def test_adaptive_thresholds_follow_the_teacher_and_survive_a_checkpoint(tmp_path):
+    """The SSL task's per-class τ comes from its teacher's confidence on the batch, reaches the loss dict, and
+    save_extra/load_extra carry it into a resumed task."""
+    from distseg.models import ModelConfig
+    from distseg.ops.pseudo import tta_probs
+
+    torch.manual_seed(0)
+    parent = Parent(model_cfg=ModelConfig(**TINY_MODEL, num_classes=3), weights=None, class_map=None)
+    tasks = []
+    for _ in range(2):
+        task = get_kind("ssl").task(_ctx("ssl", parent, tau=0.9, adaptive_tau=True))
+        task.bind(task.build().module)
+        tasks.append(task)
+    task, resumed = tasks
+    unl = Batch(key=["u0", "u1"], image=_batch().image, image_strong=_batch().image.flip(-1))
+    losses = task.step(Batches(labelled=_batch(), unlabelled=unl))
+    probs = tta_probs(task.teacher, unl.image, task.options.tta, task.options.brightness)
+    confidence, label = probs.max(1)
+    sigma = torch.tensor([confidence[label == c].mean() if (label == c).any() else 1.0 for c in range(3)])
+    torch.testing.assert_close(losses["class_tau"], 0.9 * sigma / sigma.max(), rtol=1e-5, atol=1e-6)
+    task.save_extra(tmp_path)
+    resumed.load_extra(tmp_path)
+    assert torch.equal(resumed.thresholds.sigma, task.thresholds.sigma)
 
 
 def test_a_new_kind_is_one_file_and_one_registration_line(tmp_path, target_shards, init_weights):

@@ -45,11 +45,15 @@ class PseudoLabels(NamedTuple):
     """[C] int64: kept pixels per pseudo-label class over the batch."""
 
 
-def _check(x: Tensor, tau: float, max_entropy: float | None, tile_keep_quantile: float | None) -> None:
-    """Reject bad shapes and settings before any (compiled) work."""
+def _check(x: Tensor, tau: float | Tensor, max_entropy: float | None, tile_keep_quantile: float | None) -> None:
+    """Reject bad shapes and settings before any (compiled) work (a per-class τ is checked by shape only: reading
+    its values would stall the device)."""
     if x.dim() != 4 or x.shape[1] < 2:
         raise ValueError(f"pseudo_label expects B×C×H×W with C >= 2, got {tuple(x.shape)}")
-    if not 0.0 <= tau <= 1.0:
+    if isinstance(tau, Tensor):
+        if tau.shape != (x.shape[1],):
+            raise ValueError(f"a per-class tau needs one value per class ({x.shape[1]}), got shape {tuple(tau.shape)}")
+    elif not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must be in [0, 1], got {tau}")
     if max_entropy is not None and not 0.0 <= max_entropy <= 1.0:
         raise ValueError(f"max_entropy is a normalised entropy in [0, 1], got {max_entropy}")
@@ -63,7 +67,7 @@ def _tiles_to_keep(batch: int, quantile: float) -> int:
 
 
 def _fused(
-    x: Tensor, tau: float, max_entropy: float | None, from_logits: bool, ignore_index: int, n_tiles: int | None
+    x: Tensor, tau: float | Tensor, max_entropy: float | None, from_logits: bool, ignore_index: int, n_tiles: int | None
 ) -> PseudoLabels:
     """The single-pass computation (compiled by :func:`pseudo_label`; also its eager fallback)."""
     x = x.float()
@@ -78,7 +82,7 @@ def _fused(
         log_p = x.clamp_min(_TINY).log()
     confidence, argmax = p.max(dim=1)
     entropy = -(p * log_p).sum(dim=1) / math.log(num_classes)
-    keep = confidence >= tau
+    keep = confidence >= (tau.float()[argmax] if isinstance(tau, Tensor) else tau)
     if max_entropy is not None:
         keep = keep & (entropy <= max_entropy)
     mean_entropy = entropy.mean(dim=(1, 2))
@@ -125,7 +129,7 @@ class _Compiled:
 def pseudo_label(
     x: Tensor,
     *,
-    tau: float = 0.95,
+    tau: float | Tensor = 0.95,
     max_entropy: float | None = None,
     from_logits: bool = True,
     ignore_index: int = 255,
@@ -134,21 +138,22 @@ def pseudo_label(
 ) -> PseudoLabels:
     """Pseudo-labels, keep mask and per-image stats of teacher output ``x`` (B×C×H×W), in one pass.
 
-    A pixel is kept when its confidence is ≥ ``tau`` and (if set) its normalised entropy is ≤
+    A pixel is kept when its confidence is ≥ ``tau`` (a float, or a [C] tensor read at the pixel's argmax
+    class: see :mod:`distseg.ops.thresholds`) and (if set) its normalised entropy is ≤
     ``max_entropy``. With ``tile_keep_quantile=q`` only the ceil(q·B) tiles of the batch with the
     lowest mean entropy keep any pixel (ties go to the earlier tile). ``compile=False`` runs the
     identical eager code.
     """
     _check(x, tau, max_entropy, tile_keep_quantile)
     n_tiles = None if tile_keep_quantile is None else _tiles_to_keep(x.shape[0], tile_keep_quantile)
-    args = (x, float(tau), None if max_entropy is None else float(max_entropy), from_logits, ignore_index, n_tiles)
+    args = (x, tau if isinstance(tau, Tensor) else float(tau), None if max_entropy is None else float(max_entropy), from_logits, ignore_index, n_tiles)
     return _Compiled.run(*args) if compile else _fused(*args)
 
 
 def pseudo_label_reference(
     x: Tensor,
     *,
-    tau: float = 0.95,
+    tau: float | Tensor = 0.95,
     max_entropy: float | None = None,
     from_logits: bool = True,
     ignore_index: int = 255,
@@ -163,7 +168,10 @@ def pseudo_label_reference(
     confidence = probs.max(dim=1).values
     argmax = probs.argmax(dim=1)
     entropy = -(probs * log_probs).sum(dim=1) / math.log(num_classes)
-    keep = confidence >= tau
+    keep = torch.zeros_like(confidence, dtype=torch.bool)
+    for c in range(num_classes):
+        bar = float(tau[c]) if isinstance(tau, Tensor) else tau
+        keep |= (argmax == c) & (confidence >= bar)
     if max_entropy is not None:
         keep = torch.logical_and(keep, entropy <= max_entropy)
     mean_entropy = torch.stack([entropy[b].mean() for b in range(batch)])

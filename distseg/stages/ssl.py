@@ -36,11 +36,13 @@ from distseg.losses import consistency_loss, supervised_loss
 from distseg.models.weights import save_weights
 from distseg.ops.ema import EMA
 from distseg.ops.pseudo import PseudoLabels, pseudo_label, tta_probs
+from distseg.ops.thresholds import ClassThresholds
 from distseg.stages.common import build_from, frozen, parent_matching
 from distseg.stages.registry import StageKind
 from distseg.stages.task import Student, Task, labelled
 
 STUDENT_WEIGHTS = "student.safetensors"
+CLASS_TAU_STATE = "class_tau.pt"
 
 
 @dataclass
@@ -48,6 +50,9 @@ class SSLOptions:
     """Stage C: mean teacher with filtered pseudo-labels (the pool itself is ``data.unlabeled``)."""
 
     tau: float = 0.95
+    adaptive_tau: bool = False
+    """Per-class thresholds τ·σ_c/max σ from the teacher's running confidence per class (ops/thresholds.py), so
+    the classes it is less sure of still reach the loss; False keeps one τ for all."""
     max_entropy: float | None = None
     """Drop pixels whose normalised entropy is above this (None: no entropy bound)."""
     tile_keep_quantile: float | None = None
@@ -129,6 +134,8 @@ class SSLTask(Task):
         self.ema = EMA(self.teacher, self.student, alpha=self.options.ema_alpha,
                        warmup_steps=1000 if self.options.ema_warmup else 0, skip_nonfinite=True)
         self.bn_layers = [m for m in self.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.thresholds = ClassThresholds(self.class_map.num_classes, self.options.tau, device=self.env.device) \
+            if self.options.adaptive_tau else None
 
     def streams(self) -> tuple[str, ...]:
         """The λ_u = 0 control trains on labels alone, so it neither reads nor pseudo-labels the pool."""
@@ -158,6 +165,8 @@ class SSLTask(Task):
             cons, out["cons_fp"] = 0.5 * (cons + cons_fp), cons_fp.detach()
         weight = opts.lambda_u * rampup(getattr(self.engine, "global_steps", 0), opts.rampup_steps)
         pl = t.pseudo
+        if self.thresholds is not None:
+            out["class_tau"] = self.thresholds.thresholds()
         return {"loss": sup + weight * cons, "sup": sup.detach(), **out,
                 "kept_fraction": pl.kept_fraction.mean(), "confidence": pl.mean_confidence.mean(),
                 "entropy": pl.mean_entropy.mean(), "class_hist": pl.class_hist.float()}
@@ -168,7 +177,11 @@ class SSLTask(Task):
         opts = self.options
         with self.autocast:
             probs = tta_probs(self.teacher, unl.image, opts.tta, opts.brightness)
-        pl = pseudo_label(probs, tau=opts.tau, max_entropy=opts.max_entropy, from_logits=False,
+        tau = opts.tau
+        if self.thresholds is not None:
+            self.thresholds.update(probs)
+            tau = self.thresholds.thresholds()
+        pl = pseudo_label(probs, tau=tau, max_entropy=opts.max_entropy, from_logits=False,
                           ignore_index=self.class_map.ignore_index, tile_keep_quantile=opts.tile_keep_quantile)
         labels, keep = pl.labels, pl.keep
         soft = probs if opts.consistency == "kl" else None
@@ -205,11 +218,15 @@ class SSLTask(Task):
     def save_extra(self, folder: Path) -> None:
         save_weights(self.teacher, folder / ckpt.TEACHER_WEIGHTS, {"kind": "ema-teacher"})
         torch.save(self.ema.state_dict(), folder / "ema_state.pt")
+        if self.thresholds is not None:
+            torch.save(self.thresholds.state_dict(), folder / CLASS_TAU_STATE)
 
     def load_extra(self, folder: Path) -> None:
         state = load_file(str(folder / ckpt.TEACHER_WEIGHTS), device=str(self.env.device))
         self.teacher.load_state_dict(state)
         self.ema.load_state_dict(ckpt.safe_load(folder / "ema_state.pt"))
+        if self.thresholds is not None:
+            self.thresholds.load_state_dict(ckpt.safe_load(folder / CLASS_TAU_STATE))
 
 
 KIND = StageKind("ssl", SSLTask, SSLOptions, unlabelled=True, unlabelled_views=("weak", "strong"), script="ssl.py",
