@@ -83,17 +83,21 @@ def test_dubai_recipe_validates_against_the_real_data(tmp_path):
     assert (shard.tile, shard.overlap, shard.group_by, shard.assign, shard.labeled_fraction) == \
         (256, 0, r"(tile\d+)_", "val=tile2,test=tile8", 0.1)
     stages = plan.by_name()
-    assert [s.name for s in plan.stages if s.name.endswith(".s0")][:6] == \
-        ["ft.s0", "ft_ssl.s0", "ft_control.s0", "skd_teacher.s0", "skd.s0", "skd_ssl.s0"]
+    assert [s.name for s in plan.stages if s.name.endswith(".s0")][:7] == \
+        ["ft.s0", "ft_ssl.s0", "ft_control.s0", "ft_ssl_adaptive.s0", "skd_teacher.s0", "skd.s0", "skd_ssl.s0"]
     assert {s.config.train.seed for s in plan.stages if s.config and s.name.startswith("ft.")} == {0, 1, 2}
     ssl, control = stages["ft_ssl.s1"].config, stages["ft_control.s1"].config
     assert ssl.parent == control.parent == str(tmp_path / "run" / "ft.s1")
     assert control.options.lambda_u == 0 and ssl.options.lambda_u > 0  # the control differs in lambda_u alone
     assert dataclasses.replace(control.options, lambda_u=ssl.options.lambda_u) == ssl.options
     assert (ssl.train, ssl.optim, ssl.data) == (control.train, control.optim, control.data)
+    adaptive = stages["ft_ssl_adaptive.s1"].config
+    assert adaptive.options.adaptive_tau and not ssl.options.adaptive_tau  # (f) differs from (c) in adaptive_tau alone
+    assert dataclasses.replace(adaptive.options, adaptive_tau=False) == ssl.options and adaptive.parent == ssl.parent
     assert stages["ft.s0"].config.model.pretrained == "imagenet"
     labels = [s.spec.label for s in plan.stages if s.kind == "eval" and s.name.endswith(".s0")]
-    assert labels == ["(a) fine-tune", "(b) SKD", "(c) (a) + SSL", "(d) (b) + SSL", "(e) (a) + control"]
+    assert labels == ["(a) fine-tune", "(b) SKD", "(c) (a) + SSL", "(d) (b) + SSL", "(e) (a) + control",
+                      "(f) (c), adaptive τ"]
     assert plan.recipe.baseline == "(a) fine-tune"
 
 
