@@ -62,7 +62,7 @@ def test_cutmix_plan_is_applied_to_pseudo_labels_keep_and_teacher_probs():
     strong = apply_cutmix(weak, box, index)
     opts = SSLOptions(tau=0.6, consistency="kl", tta=("identity",))
     fake = SimpleNamespace(options=opts, autocast=contextlib.nullcontext(), class_map=SimpleNamespace(ignore_index=255),
-                           teacher=teacher)
+                           teacher=teacher, thresholds=None)
     unl = Batch(key=list("abcd"), image=weak, image_strong=strong, cutmix_box=box, cutmix_index=index)
     targets = SSLTask.pseudo_targets(fake, unl)
     out_strong, labels, keep, soft = targets.strong, targets.labels, targets.keep, targets.soft
