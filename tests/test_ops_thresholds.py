@@ -58,3 +58,39 @@ def test_a_nonfinite_batch_leaves_the_state_alone_and_state_round_trips():
         ClassThresholds(3, tau=0.8).load_state_dict(th.state_dict())
     with pytest.raises(ValueError, match="tau"):
         ClassThresholds(3, tau=1.2)
+
+
+_TWO_RANKS = r"""
+import json, os, sys, torch
+import torch.nn.functional as F
+from distseg.engine.distributed import init_distributed
+from distseg.ops.thresholds import ClassThresholds
+
+env = init_distributed(device="cpu")
+probs = [F.softmax(torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(r)) * 2, 1) for r in range(2)]
+th = ClassThresholds(4, tau=0.9)
+th.update(probs[env.rank])  # each rank sees only its own batch
+alone = ClassThresholds(4, tau=0.9)
+alone.update(torch.cat(probs))  # one process seeing both batches
+assert torch.allclose(th.sigma, alone.sigma, rtol=1e-5, atol=1e-6), (th.sigma, alone.sigma)
+with open(os.path.join(sys.argv[1], f"rank{env.rank}.json"), "w") as f:
+    json.dump(th.sigma.tolist(), f)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_hold_the_thresholds_of_their_combined_batches(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, stage_env
+
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_RANKS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29400 + os.getpid() % 100), str(script), str(tmp_path)],
+                          capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sigmas = [(tmp_path / f"rank{r}.json").read_text() for r in (0, 1)]
+    assert sigmas[0] == sigmas[1], "the replicas' thresholds differ"
