@@ -89,7 +89,7 @@ def test_two_ranks_hold_the_thresholds_of_their_combined_batches(tmp_path):
     script = tmp_path / "two.py"
     script.write_text(_TWO_RANKS)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29400 + os.getpid() % 100), str(script), str(tmp_path)],
+                           str(29100 + os.getpid() % 100), str(script), str(tmp_path)],
                           capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sigmas = [(tmp_path / f"rank{r}.json").read_text() for r in (0, 1)]
