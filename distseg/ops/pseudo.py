@@ -146,7 +146,8 @@ def pseudo_label(
     """
     _check(x, tau, max_entropy, tile_keep_quantile)
     n_tiles = None if tile_keep_quantile is None else _tiles_to_keep(x.shape[0], tile_keep_quantile)
-    args = (x, tau if isinstance(tau, Tensor) else float(tau), None if max_entropy is None else float(max_entropy), from_logits, ignore_index, n_tiles)
+    bar = tau if isinstance(tau, Tensor) else float(tau)
+    args = (x, bar, None if max_entropy is None else float(max_entropy), from_logits, ignore_index, n_tiles)
     return _Compiled.run(*args) if compile else _fused(*args)
 
 
