@@ -113,3 +113,121 @@ def test_monitor_sections_are_accepted_and_are_not_part_of_a_runs_identity(tmp_p
     assert monitor_sections({}, stage, tensorboard_default=True) == {
         "tensorboard": {"enabled": True, "output_path": str(stage), "job_name": "tensorboard"}}
     assert monitor_sections({}, stage, tensorboard_default=False) == {}
+
+
+# ------------------------------------------------------------------------------ the per-device fast path
+
+@pytest.mark.parametrize("device, flags, bf16, channels_last", [
+    ("cpu", {"avx2", "fma"}, False, False),
+    ("cpu", {"avx2", "avx512f", "avx512bw"}, False, False),      # AVX-512 without its bf16 extension
+    ("cpu", {"avx512f", "avx512_bf16"}, True, True),
+    ("cpu", {"avx512f", "amx_tile", "amx_bf16", "amx_int8"}, True, True),
+    ("cpu", set(), False, False),                                # no /proc/cpuinfo: assume nothing
+    ("cuda", set(), True, False),                                # GPU: bf16 autocast, layout unchanged
+])
+def test_fast_path_decision_table(device, flags, bf16, channels_last):
+    from distseg.engine.dsconfig import fast_path
+
+    path = fast_path(device, frozenset(flags))
+    assert (path.bf16, path.channels_last) == (bf16, channels_last)
+
+
+def test_auto_config_resolves_per_machine_and_records_the_choice():
+    from distseg.engine.dsconfig import deepspeed_sections, resolve_fast_path
+
+    raw = load_ds_config(REPO / "ds_configs" / "cpu_auto.json")
+    assert precision(raw) == "auto"
+    amx = resolve_fast_path(resolve_ds_config(raw, 1), "cpu", frozenset({"amx_bf16", "avx512f"}))
+    assert amx["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and precision(amx) == "bf16"
+    assert amx["memory_format"] == "channels_last" and "amx_bf16" in amx["fast_path"]
+    avx2 = resolve_fast_path(resolve_ds_config(raw, 1), "cpu", frozenset({"avx2"}))
+    assert precision(avx2) == "fp32" and avx2["memory_format"] == "contiguous"
+    assert "memory_format" not in deepspeed_sections(amx) and "fast_path" not in deepspeed_sections(amx)
+    fixed = load_ds_config(REPO / "ds_configs" / "cpu_fp32.json")
+    assert resolve_fast_path(fixed, "cpu", frozenset({"amx_bf16"})) == fixed, "cpu_fp32 means fp32 everywhere"
+
+
+def test_auto_values_are_checked_when_the_file_is_read(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 8, "torch_autocast": {"enabled": "yes"}}))
+    with pytest.raises(ConfigError, match="bad.json.*torch_autocast.enabled"):
+        load_ds_config(bad)
+    bad.write_text(json.dumps({"train_batch_size": 8, "memory_format": "nhwc"}))
+    with pytest.raises(ConfigError, match="bad.json.*memory_format"):
+        load_ds_config(bad)
+
+
+def test_resolved_choice_is_recorded_in_stage_json(tmp_path, target_shards, init_weights):
+    """A stage run with the auto config writes this machine's decision into stage.json's ds_config_resolved."""
+    from conftest import launch, stage_record, tiny_stage_config
+    from distseg.engine.dsconfig import cpu_flags, fast_path
+
+    out = tmp_path / "ft"
+    launch("finetune_head.py", "--config", str(tiny_stage_config(tmp_path, steps=2, fisher_batches=0)), "--data",
+           str(target_shards), "--parent", str(init_weights), "--ds_config", "ds_configs/cpu_auto.json", "--out",
+           str(out))
+    resolved = stage_record(out)["config"]["ds_config_resolved"]
+    expected = fast_path("cpu", cpu_flags())
+    assert resolved["torch_autocast"]["enabled"] is expected.bf16
+    assert resolved["memory_format"] == ("channels_last" if expected.channels_last else "contiguous")
+    assert resolved["fast_path"] == expected.reason
+
+
+def _tiny_segmenter() -> "torch.nn.Module":
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=2,
+                         dilation=2), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 3, 1))
+
+
+def test_channels_last_inputs_give_the_contiguous_outputs_and_gradients():
+    import copy
+
+    import torch
+
+    from distseg.engine.deepspeed_engine import channels_last_inputs
+
+    plain = _tiny_segmenter()
+    fast = copy.deepcopy(plain)
+    channels_last_inputs(fast)
+    channels_last_inputs(fast)  # idempotent: one hook
+    assert len(fast._forward_pre_hooks) == 1
+    x = torch.rand(2, 3, 32, 32)
+    out_plain, out_fast = plain(x), fast(x)
+    assert out_fast.is_contiguous(memory_format=torch.channels_last) and not out_plain.is_contiguous(
+        memory_format=torch.channels_last)
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-5, atol=1e-5)
+    out_plain.square().mean().backward()
+    out_fast.square().mean().backward()
+    for a, b in zip(plain.parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_on_cpu_trains_a_tiny_model():
+    """The AMX path's arithmetic, wherever the test runs (bf16 is emulated without AMX): finite, decreasing loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from distseg.engine.deepspeed_engine import autocast_context, channels_last_inputs
+
+    model = _tiny_segmenter()
+    channels_last_inputs(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x = torch.rand(4, 3, 32, 32)
+    y = (x[:, 0] > 0.5).long() + (x[:, 1] > 0.5).long()  # a learnable per-pixel rule
+    context = autocast_context({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, torch.device("cpu"))
+    losses = []
+    for _ in range(30):
+        with context:
+            logits = model(x)
+        assert logits.dtype == torch.bfloat16
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "weights stay fp32 under autocast"

@@ -179,6 +179,17 @@ def test_tta_matches_manual_average_and_chunking():
     assert not got.requires_grad
 
 
+def test_tta_result_is_an_ordinary_tensor_a_loss_can_save_for_backward():
+    """The views run under inference_mode, but KL consistency multiplies the student's log-probabilities by the
+    teacher's probabilities, which autograd saves: an inference tensor would be refused there."""
+    model, x = _model(), torch.rand(2, 3, 8, 9)
+    probs = tta_probs(model, x, transforms=("identity", "hflip"))
+    assert not probs.is_inference()
+    logits = torch.randn(2, 4, 8, 9, requires_grad=True)
+    (probs * F.log_softmax(logits, 1)).sum().backward()
+    torch.testing.assert_close(logits.grad, probs - probs.sum(1, keepdim=True) * F.softmax(logits, 1))
+
+
 def test_tta_equivariant_model_is_flip_invariant_and_bad_names_raise():
     model, x = nn.Conv2d(3, 4, 1), torch.rand(1, 3, 5, 5)
     with torch.no_grad():

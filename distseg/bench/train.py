@@ -67,19 +67,13 @@ def workspace(cfg: BenchConfig, env) -> Iterator[Workspace]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _to_channels_last(module: torch.nn.Module, args: tuple) -> tuple:
-    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
-
-
 def use_channels_last_inputs(trainer) -> None:
-    """Feed the student and teacher channels-last images (converted on the device, at the model's entry).
+    """Feed the student and teacher channels-last images (``--channels-last``, whatever the ds_config says)."""
+    from distseg.engine.deepspeed_engine import channels_last_inputs
 
-    The weights keep the default layout: DeepSpeed broadcasts parameters as byte views and ZeRO packs them into flat
-    buffers, both of which need contiguous parameters. cuDNN picks channels-last kernels from the input's layout.
-    """
     for model in (trainer.engine.module, getattr(trainer.task, "teacher", None)):
         if model is not None:
-            model.register_forward_pre_hook(_to_channels_last)
+            channels_last_inputs(model)
 
 
 def time_steps(trainer, cfg: BenchConfig, env, progress=None) -> dict[str, Any]:

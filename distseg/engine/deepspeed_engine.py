@@ -9,8 +9,8 @@ from torch import nn
 
 from distseg.engine.checkpoint import make_safe_checkpoint_engine
 from distseg.engine.distributed import DistEnv
-from distseg.engine.dsconfig import (check_device_support, load_ds_config, monitor_sections, resolve_ds_config,
-                                     training_sections)
+from distseg.engine.dsconfig import (check_device_support, deepspeed_sections, load_ds_config, monitor_sections,
+                                     resolve_ds_config, resolve_fast_path)
 from distseg.engine.finite import StepGuard, guarded
 
 
@@ -45,14 +45,17 @@ def build_engine(model: nn.Module, params: Iterable[nn.Parameter], *, ds_config:
                  global_batch: int | None = None, guard: StepGuard | None = None) -> tuple[Any, dict]:
     """Wrap ``model`` in a DeepSpeed engine with the client optimizer + poly LR over ``params``.
 
-    Returns the engine and the resolved DeepSpeed config. Frozen or EMA teachers must stay outside: DeepSpeed
-    would otherwise partition, broadcast and checkpoint them as if they were trained. The config's monitor sections
-    are held back: they are attached by :func:`attach_monitor` once the stage folder exists.
+    Returns the engine and the resolved DeepSpeed config, its "auto" precision and layout decided for this device
+    (:func:`~distseg.engine.dsconfig.resolve_fast_path`; the student gets that layout here, modules outside the
+    engine through :func:`use_memory_format`). Frozen or EMA teachers must stay outside: DeepSpeed would otherwise
+    partition, broadcast and checkpoint them as if they were trained. The config's monitor sections are held back:
+    they are attached by :func:`attach_monitor` once the stage folder exists.
     """
     import deepspeed
 
     cfg = resolve_ds_config(load_ds_config(ds_config), env.world_size, micro_batch=micro_batch,
                             grad_accum=grad_accum, global_batch=global_batch, source=ds_config)
+    cfg = resolve_fast_path(cfg, env.device.type)
     check_device_support(cfg, env.device.type, source=ds_config)
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -60,10 +63,34 @@ def build_engine(model: nn.Module, params: Iterable[nn.Parameter], *, ds_config:
     optimizer = make_optimizer(params, optim, guard)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(optim.schedule, total_steps, optim.warmup_steps, optim.poly_power))
+    use_memory_format(cfg, [model])
     engine, _, _, _ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=training_sections(cfg), dist_init_required=False)
+                                           config=deepspeed_sections(cfg), dist_init_required=False)
     engine.checkpoint_engine = make_safe_checkpoint_engine()
     return engine, cfg
+
+
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+def channels_last_inputs(module: nn.Module) -> None:
+    """Feed ``module`` channels-last images (converted at its entry, on its device); calling it twice is harmless.
+
+    The weights keep the default layout: DeepSpeed broadcasts parameters as byte views and ZeRO packs them into flat
+    buffers, both of which need contiguous parameters. A convolution follows its input's layout (cuDNN and oneDNN
+    both), so the activations, and the backward, run channels-last from the first layer on.
+    """
+    if not getattr(module, "_distseg_channels_last", False):
+        module.register_forward_pre_hook(_to_channels_last)
+        module._distseg_channels_last = True
+
+
+def use_memory_format(cfg: dict, modules: Iterable[nn.Module]) -> None:
+    """Give ``modules`` (the student, and the teachers beside the engine) the resolved config's activation layout."""
+    if cfg.get("memory_format") == "channels_last":
+        for module in modules:
+            channels_last_inputs(module)
 
 
 def tensorboard_available() -> bool:

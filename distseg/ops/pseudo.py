@@ -215,7 +215,6 @@ TTA_TRANSFORMS = tuple(_tta_views(0.0))
 """Names accepted by :func:`tta_probs`."""
 
 
-@torch.no_grad()
 def tta_probs(
     model: nn.Module,
     images: Tensor,
@@ -228,6 +227,10 @@ def tta_probs(
     Views are concatenated along the batch so the model runs once (or once per
     ``views_per_forward`` views, to bound memory); flips are undone on the output before averaging.
     Brightness views scale the image by 1 ± ``brightness`` and clamp to [0, 1].
+
+    The forwards and the sum run under ``torch.inference_mode`` (no autograd bookkeeping, no version counters);
+    the final division runs outside it, so the result is an ordinary tensor that a loss may save for its backward
+    (KL consistency does). Nothing is read back to the host.
     """
     table = _tta_views(brightness)
     unknown = [t for t in transforms if t not in table]
@@ -238,11 +241,12 @@ def tta_probs(
     chunk = views_per_forward or len(transforms)
     batch = images.shape[0]
     total: Tensor | None = None
-    for start in range(0, len(transforms), chunk):
-        names = transforms[start : start + chunk]
-        logits = model(torch.cat([table[n][0](images) for n in names]))
-        probs = F.softmax(logits.float(), dim=1)
-        for i, name in enumerate(names):
-            view = table[name][1](probs[i * batch : (i + 1) * batch])
-            total = view if total is None else total + view
+    with torch.inference_mode():
+        for start in range(0, len(transforms), chunk):
+            names = transforms[start : start + chunk]
+            logits = model(torch.cat([table[n][0](images) for n in names]))
+            probs = F.softmax(logits.float(), dim=1)
+            for i, name in enumerate(names):
+                view = table[name][1](probs[i * batch : (i + 1) * batch])
+                total = view if total is None else total + view
     return total / len(transforms)
