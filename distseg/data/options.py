@@ -38,6 +38,12 @@ class ShardOptions:
                                       "in one split.")
     assign: str | None = _opt(None, "Pin groups to splits, e.g. 'val=tile2,test=tile8' (official splits); the "
                                     "other groups are split by --split.")
+    strip_by: str | None = _opt(None, "Split along a map axis instead of by seeded hash: a regex on the file name "
+                                      "with a named group x (the web-map tile column) and optionally z (its zoom). "
+                                      "Files are ordered west to east by ground position and cut into train, val, "
+                                      "test by --split over files; files whose extents overlap stay together.")
+    include: str | None = _opt(None, "Regex on file names: use only the images, masks and unlabelled images whose "
+                                     "name matches (e.g. '^nairobi_' to take one site from a folder of several).")
     seed: int = _opt(0, "Seed of the split, the labelled subset and the in-shard sample order.")
     shard_size: str | int = _opt("1000", "Target shard size: a sample count (1000) or a size (64MB).")
     unknown: str = _opt("error", "Mask values not in the class map: 'error' or 'ignore'.")
@@ -64,13 +70,34 @@ class ShardOptions:
         if self.masks is not None and self.classes is None:
             raise DataError(f"{self.masks}: labelled data needs a class map (--classes FILE)")
         self.pattern()
+        self.include_pattern()
+        strips = self.strip_pattern()
+        if strips is not None and (self.group_by or self.assign):
+            raise DataError(f"--strip-by {self.strip_by!r}: cannot be combined with --group-by or --assign (a strip "
+                            "split decides the groups itself)")
+
+    def _compile(self, name: str) -> re.Pattern[str] | None:
+        """The compiled regex of option ``name`` (None when unset); a bad one is a DataError naming the flag."""
+        value = getattr(self, name)
+        try:
+            return re.compile(value) if value else None
+        except re.error as exc:
+            raise DataError(f"{self.flag(name)} {value!r}: invalid regex ({exc})") from None
 
     def pattern(self) -> re.Pattern[str] | None:
         """The compiled ``group_by`` regex (None without one)."""
-        try:
-            return re.compile(self.group_by) if self.group_by else None
-        except re.error as exc:
-            raise DataError(f"--group-by {self.group_by!r}: invalid regex ({exc})") from None
+        return self._compile("group_by")
+
+    def include_pattern(self) -> re.Pattern[str] | None:
+        """The compiled ``include`` regex (None: every file)."""
+        return self._compile("include")
+
+    def strip_pattern(self) -> re.Pattern[str] | None:
+        """The compiled ``strip_by`` regex (None: hash split); it must name a group ``x``."""
+        pattern = self._compile("strip_by")
+        if pattern is not None and "x" not in pattern.groupindex:
+            raise DataError(f"--strip-by {self.strip_by!r}: needs a named group (?P<x>...) holding the tile column")
+        return pattern
 
     def layout(self) -> dict[str, Any]:
         """The fields that shape the shards, as the manifest records them under ``options``."""

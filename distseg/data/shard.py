@@ -22,7 +22,8 @@ from distseg.data.errors import DataError
 from distseg.data.imageio import encode_png, image_size, list_images, load_image, load_mask
 from distseg.data.manifest import FORMAT, MANIFEST, read_manifest, write_manifest
 from distseg.data.options import ShardOptions
-from distseg.data.splitting import assign_splits, group_of, labeled_subset, parse_assign, parse_ratio, stable_hash
+from distseg.data.splitting import (assign_splits, group_of, labeled_subset, parse_assign, parse_ratio, stable_hash,
+                                    strip_extent, strip_splits)
 from distseg.data.tiling import crop_padded, is_whole, tile_grid
 from distseg.data.writer import ShardLimit, SplitWriter, parse_shard_size
 from distseg.folders import check_replaceable
@@ -50,14 +51,26 @@ def _sample_key(stem: str, crop: tuple[int, int, int, int], tiled: bool) -> str:
     return f"{base}_x{crop[0]}_y{crop[1]}" if tiled else base
 
 
+def _included(folder: Path, what: str, include: re.Pattern[str] | None) -> dict[str, Path]:
+    """The image files of ``folder`` by stem whose name matches ``include`` (all without it); none is an error."""
+    files = list_images(folder, what)
+    if include is None:
+        return files
+    kept = {stem: path for stem, path in files.items() if include.search(path.name)}
+    if not kept:
+        raise DataError(f"{folder}: no {what} file name matches --include {include.pattern!r}")
+    return kept
+
+
 def _collect(images: Path | None, masks: Path | None, unlabeled: Path | None,
-             pattern: re.Pattern[str] | None) -> list[Source]:
-    """Pair images with masks by stem; unpaired images (or masks) are errors, not silently dropped."""
+             pattern: re.Pattern[str] | None, include: re.Pattern[str] | None = None) -> list[Source]:
+    """Pair images with masks by stem (among the files ``include`` keeps); unpaired images (or masks) are errors,
+    not silently dropped."""
     sources: list[Source] = []
     if images is not None:
-        found = list_images(images, "image")
+        found = _included(images, "image", include)
         if masks is not None:
-            mask_files = list_images(masks, "mask")
+            mask_files = _included(masks, "mask", include)
             for stem, path in found.items():
                 if stem not in mask_files:
                     raise DataError(f"{path}: image has no mask in {masks} (masks pair with images by file stem)")
@@ -70,13 +83,15 @@ def _collect(images: Path | None, masks: Path | None, unlabeled: Path | None,
             else:
                 sources.append(Source(path, mask_files[stem], group_of(path.name, pattern)))
     if unlabeled is not None:
-        sources += [Source(p, None, group_of(p.name, None)) for p in list_images(unlabeled, "unlabeled").values()]
+        sources += [Source(p, None, group_of(p.name, None))
+                    for p in _included(unlabeled, "unlabeled", include).values()]
     return sources
 
 
 def _plan(sources: list[Source], tile: int | None, overlap: int, ratios: dict[str, float], seed: int,
-          pinned: dict[str, str], max_pixels: int) -> None:
-    """Fill in sizes, crops, keys and the split of every labelled source, from file headers only."""
+          pinned: dict[str, str], max_pixels: int, strips: re.Pattern[str] | None = None) -> None:
+    """Fill in sizes, crops, keys and the split of every labelled source (by group, or by spatial strip with
+    ``strips``), from file headers only."""
     seen: dict[str, Path] = {}
     for src in sources:
         src.width, src.height = image_size(src.image, max_pixels)
@@ -90,6 +105,11 @@ def _plan(sources: list[Source], tile: int | None, overlap: int, ratios: dict[st
             if seen.setdefault(key, src.image) != src.image:
                 raise DataError(f"{src.image}: sample key {key!r} collides with {seen[key]} (rename one file)")
     labelled = [s for s in sources if s.mask is not None]
+    if strips is not None:
+        by_name = strip_splits({s.image.name: strip_extent(s.image.name, strips) for s in labelled}, ratios)
+        for src in labelled:
+            src.split = by_name[src.image.name]
+        return
     by_group = assign_splits([s.group for s in labelled], ratios, seed, pinned)
     for src in labelled:
         src.split = by_group[src.group]
@@ -173,7 +193,7 @@ def shard_dataset(out: str | Path, *, force: bool = False, command: list[str] | 
 
     ``options`` are the fields of :class:`~distseg.data.options.ShardOptions`: ``images`` + ``masks`` are labelled
     data split ``split`` (train:val:test) by source image or by ``group_by`` group, with ``assign`` pinning groups
-    to splits; only ``labeled_fraction`` of the train tiles keep labels, the rest (and ``images`` without
+    to splits, or west to east by ``strip_by``; ``include`` keeps only the files whose name matches; only ``labeled_fraction`` of the train tiles keep labels, the rest (and ``images`` without
     ``masks``, and ``unlabeled``) form the 'unlabeled' split. Raises DataError on bad input.
     """
     out = Path(out)
@@ -185,8 +205,9 @@ def shard_dataset(out: str | Path, *, force: bool = False, command: list[str] | 
     if opts.images is None and opts.unlabeled is None:
         raise DataError("nothing to shard: give --images (with --masks for labelled data) and/or --unlabeled")
     class_map = ClassMap.from_file(opts.classes) if opts.classes is not None else None
-    sources = _collect(*(Path(v) if v else None for v in (opts.images, opts.masks, opts.unlabeled)), opts.pattern())
-    _plan(sources, opts.tile, opts.overlap, ratios, opts.seed, pinned, opts.max_pixels)
+    sources = _collect(*(Path(v) if v else None for v in (opts.images, opts.masks, opts.unlabeled)), opts.pattern(),
+                       opts.include_pattern())
+    _plan(sources, opts.tile, opts.overlap, ratios, opts.seed, pinned, opts.max_pixels, opts.strip_pattern())
     splits = _tile_splits(sources, opts.labeled_fraction, opts.seed)
     tmp = _prepare_out(out, force)
     try:

@@ -1,9 +1,10 @@
-"""Deterministic train/val/test splits by source image or file-name group, and the labelled subset."""
+"""Deterministic train/val/test splits by source image, file-name group or spatial strip, and the labelled subset."""
 from __future__ import annotations
 
 import hashlib
 import math
 import re
+from fractions import Fraction
 
 from distseg.data.errors import DataError
 
@@ -97,3 +98,72 @@ def labeled_subset(keys: list[str], fraction: float, seed: int) -> set[str]:
         return set(keys)
     keep = max(1, round(fraction * len(keys)))
     return set(sorted(keys, key=lambda k: (stable_hash(seed, "labeled", k), k))[:keep])
+
+
+def strip_extent(name: str, pattern: re.Pattern[str]) -> tuple[Fraction, Fraction]:
+    """The ground x-extent [x, x + 1) / 2**z of a web-map tile named ``name`` (``z`` 0 without a ``z`` group).
+
+    Dividing by 2**z puts tiles of different zoom levels on one axis, so a coarse tile and the finer tiles it
+    covers are seen to overlap. Fractions keep the comparison exact.
+    """
+    match = pattern.search(name)
+    if match is None:
+        raise DataError(f"{name}: --strip-by {pattern.pattern!r} does not match this file name")
+    zoom = int(match["z"]) if "z" in pattern.groupindex else 0
+    x = int(match["x"])
+    return Fraction(x, 2 ** zoom), Fraction(x + 1, 2 ** zoom)
+
+
+def _strips(extents: dict[str, tuple[Fraction, Fraction]]) -> list[list[str]]:
+    """Names grouped into strips, west to east: runs of extents that overlap (touching is not overlapping)."""
+    strips: list[list[str]] = []
+    east = None
+    for name in sorted(extents, key=lambda n: (extents[n][0], n)):
+        lo, hi = extents[name]
+        if east is None or lo >= east:
+            strips.append([])
+            east = hi
+        strips[-1].append(name)
+        east = max(east, hi)
+    return strips
+
+
+def _nearest(bounds: list[int], target: int, lo: int, hi: int) -> int:
+    """The index in [lo, hi] whose cumulative count ``bounds[i]`` is closest to ``target`` (the earlier on ties)."""
+    return min(range(lo, hi + 1), key=lambda i: (abs(bounds[i] - target), i))
+
+
+def strip_splits(extents: dict[str, tuple[Fraction, Fraction]], ratios: dict[str, float]) -> dict[str, str]:
+    """Split files into west-to-east strips: train westmost, then val, then test, cut by ``ratios`` over files.
+
+    Files whose x-extents overlap form one strip and are never separated, so no chip of one split shares ground
+    with a chip of another along x. Each cut falls on the strip boundary nearest to its file count; every split
+    with a positive ratio gets at least one strip, and too few strips for that is an error.
+    """
+    strips = _strips(extents)
+    wanted = [name for name in SPLITS if ratios[name] > 0]
+    if len(strips) < len(wanted):
+        raise DataError(f"--strip-by: the {len(extents)} files form {len(strips)} separate strip(s), too few for "
+                        f"the {len(wanted)} splits {wanted} of --split")
+    counts = split_counts(len(extents), ratios)
+    bounds = [0]
+    for strip in strips:
+        bounds.append(bounds[-1] + len(strip))
+    k, has_val, has_test = len(strips), ratios["val"] > 0, ratios["test"] > 0
+    if ratios["train"] <= 0:
+        cut1 = 0
+    elif not (has_val or has_test):
+        cut1 = k
+    else:
+        cut1 = _nearest(bounds, counts["train"], 1, k - has_val - has_test)
+    if not has_test:
+        cut2 = k
+    elif not has_val:
+        cut2 = cut1
+    else:
+        cut2 = _nearest(bounds, counts["train"] + counts["val"], cut1 + 1, k - 1)
+    out = {}
+    for i, strip in enumerate(strips):
+        split = "train" if i < cut1 else "val" if i < cut2 else "test"
+        out.update(dict.fromkeys(strip, split))
+    return out
