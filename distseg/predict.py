@@ -5,6 +5,10 @@ class map, so they work with any model: ``predict_array`` for an in-memory image
 for one file written to an output folder, ``predict_paths`` for files and folders. Under a
 ``torchrun``/``deepspeed`` launch (``WORLD_SIZE`` > 1) the windows are split across ranks, the
 probability sums are reduced to rank 0, and rank 0 alone writes the outputs.
+
+Beside the rasters, a job can write the class regions as polygons into one vector file (``cfg.vector``),
+the class raster as a cloud-optimised GeoTIFF (``cfg.cog``), and object-level scores against ground-truth
+masks (``cfg.objects``); every class raster gets a QGIS style.
 """
 from __future__ import annotations
 
@@ -20,9 +24,14 @@ import torch
 from distseg.engine import distributed as dist
 from distseg.inference.config import PredictConfig
 from distseg.inference.errors import PredictError
+from distseg.inference.georef import check_georeferenced, is_georeferenced, tile_geo
 from distseg.inference.raster import ArrayReader, Reader, expand_inputs, gdal_env, open_reader
 from distseg.inference.sliding import SlidingWindow, WindowPlan
 from distseg.inference.summary import AreaCounter, write_summary
+from distseg.inference.objects import objects_path, score_file, total_objects
+from distseg.inference.polygonize import Polygonizer
+from distseg.inference.styles import convert_to_cog, write_qml
+from distseg.inference.vector import VectorWriter, check_vector_output, require_geo_packages
 from distseg.inference.writers import check_outputs, open_outputs, output_paths
 
 __all__ = ["ClassMapLike", "Prediction", "PredictConfig", "PredictError", "check_model", "predict_array",
@@ -108,28 +117,43 @@ def _progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[[i
 
 
 def predict_file(model: torch.nn.Module, class_map: ClassMapLike, path: str | Path, out_dir: str | Path,
-                 cfg: PredictConfig, device: torch.device | str = "cpu",
-                 progress: bool = True) -> dict[str, Any] | None:
-    """Predict one image or GeoTIFF into ``out_dir``; returns the area summary (None off rank 0)."""
+                 cfg: PredictConfig, device: torch.device | str = "cpu", progress: bool = True,
+                 vector: VectorWriter | None = None, truth: Path | None = None) -> dict[str, Any] | None:
+    """Predict one image or GeoTIFF into ``out_dir``; returns the area summary (None off rank 0).
+
+    ``vector`` (rank 0) receives the file's polygons; with ``truth`` (a ground-truth mask, ``cfg.objects``
+    set) the summary also holds the object scores.
+    """
     path, out_dir = Path(path), Path(out_dir)
     paths = output_paths(out_dir, path, cfg)
     check_outputs(paths, cfg.force)
     with gdal_env(path, cfg.gdal_cache_mb):
         reader = open_reader(path, cfg.bands, cfg.scale, cfg.max_pixels)
         try:
-            return _predict_reader(model, class_map, reader, paths, cfg, torch.device(device), progress)
+            if cfg.georef_from_name and not is_georeferenced(reader.geo):
+                reader.geo = tile_geo(path, reader.width, reader.height)
+            summary = _predict_reader(model, class_map, reader, paths, cfg, torch.device(device), progress, vector)
         finally:
             reader.close()
+    if summary is not None and truth is not None:
+        summary["objects"] = score_file(paths["mask"], truth, class_map, cfg.objects)
+    if summary is not None:
+        write_summary(summary, paths["summary"])
+    return summary
 
 
 def _predict_reader(model: torch.nn.Module, class_map: ClassMapLike, reader: Reader, paths: dict[str, Path],
-                    cfg: PredictConfig, device: torch.device, progress: bool) -> dict[str, Any] | None:
-    """Stream the blocks of an opened input into its outputs (rank 0) and summarise the areas."""
+                    cfg: PredictConfig, device: torch.device, progress: bool,
+                    vector: VectorWriter | None) -> dict[str, Any] | None:
+    """Stream the blocks of an opened input into its outputs and polygons (rank 0) and summarise the areas."""
     rank, world = dist.rank(), dist.world_size()
     engine = SlidingWindow(model.to(device).eval(), class_map.num_classes, cfg, device, rank, world)
-    outputs = None
+    outputs = polygons = None
     if rank == 0:
         paths["mask"].parent.mkdir(parents=True, exist_ok=True)
+        if vector is not None:
+            layer = vector.begin(reader.path, reader.geo, reader.height, reader.width)
+            polygons = Polygonizer(reader.height, reader.width, vector.class_indices)
         outputs = open_outputs(paths, reader, cfg, class_map.colors, class_map.ignore_index)
     counter = AreaCounter()
     total = WindowPlan.build(reader.height, reader.width, cfg).num_windows(rank, world)
@@ -138,6 +162,11 @@ def _predict_reader(model: torch.nn.Module, class_map: ClassMapLike, reader: Rea
             for block in engine.run(reader, class_map.ignore_index, advance):
                 outputs.write(block)
                 counter.add(block.labels)
+                if polygons is not None:
+                    vector.write([f for r in polygons.add(block.y, block.x, block.labels, block.confidence)
+                                  for f in layer.features(r)])
+        if polygons is not None:
+            vector.write([f for r in polygons.finish() for f in layer.features(r)])
     except BaseException:
         if outputs is not None:
             outputs.abort()
@@ -145,10 +174,34 @@ def _predict_reader(model: torch.nn.Module, class_map: ClassMapLike, reader: Rea
     if outputs is None:
         return None
     outputs.commit()
+    if cfg.cog:
+        convert_to_cog(paths["mask"])
+    write_qml(paths["style"], class_map.names, class_map.colors, class_map.ignore_index)
     area = reader.geo.pixel_area_m2 if reader.geo is not None else None
-    summary = counter.summary(reader.path, reader.height, reader.width, class_map.names, class_map.ignore_index, area)
-    write_summary(summary, paths["summary"])
-    return summary
+    return counter.summary(reader.path, reader.height, reader.width, class_map.names, class_map.ignore_index, area)
+
+
+def _check_extras(files: list[Path], class_map: ClassMapLike, out_dir: Path, cfg: PredictConfig) -> dict[Path, Path]:
+    """Check what --vector, --cog and --truth/--objects need before any output exists; returns the ground-truth
+    mask of each input (empty without ``cfg.objects``)."""
+    if cfg.vector is not None:
+        require_geo_packages()
+        cfg.vector.class_indices(class_map.names)
+        check_vector_output(cfg.vector, cfg.force)
+        check_georeferenced(files, cfg.georef_from_name, "--vector")
+    if cfg.cog:
+        for f in files:
+            if output_paths(out_dir, f, cfg)["mask"].suffix != ".tif":
+                raise PredictError(f"{f}: --cog needs GeoTIFF outputs, written for GeoTIFF inputs (or PNG/JPEG "
+                                   f"chips with --georef-from-name)")
+    if cfg.objects is None:
+        return {}
+    require_geo_packages("--objects", ("scipy",))
+    if cfg.objects.class_name not in class_map.names:
+        raise PredictError(f"--objects: unknown class {cfg.objects.class_name!r}; the class map has "
+                           f"{', '.join(class_map.names)}")
+    check_outputs({"objects": objects_path(out_dir, cfg.objects)}, cfg.force)
+    return cfg.objects.truth_files(files)
 
 
 def predict_paths(model: torch.nn.Module, class_map: ClassMapLike, inputs: Sequence[str | Path],
@@ -163,11 +216,22 @@ def predict_paths(model: torch.nn.Module, class_map: ClassMapLike, inputs: Seque
             if seen.setdefault(out, f) != f:
                 raise PredictError(f"{f} and {seen[out]} would both write {out}; predict them into separate --out")
         check_outputs(output_paths(out_dir, f, cfg), cfg.force)
+    truths = _check_extras(files, class_map, out_dir, cfg)
     model = model.to(device).eval()
     check_model(model, class_map, device)
+    vector = VectorWriter(cfg.vector, class_map.names) if cfg.vector is not None and dist.rank() == 0 else None
     summaries = []
-    for f in files:
-        summary = predict_file(model, class_map, f, out_dir, cfg, device, progress)
-        if summary is not None:
-            summaries.append(summary)
+    try:
+        for f in files:
+            summary = predict_file(model, class_map, f, out_dir, cfg, device, progress, vector, truths.get(f))
+            if summary is not None:
+                summaries.append(summary)
+        if vector is not None:
+            vector.commit()
+    except BaseException:
+        if vector is not None:
+            vector.abort()
+        raise
+    if cfg.objects is not None and summaries:
+        write_summary(total_objects(summaries, cfg.objects), objects_path(out_dir, cfg.objects))
     return summaries

@@ -197,8 +197,8 @@ def test_cli_writes_outputs_and_prints_area_table(tmp_path, fake_loader):
                                       str(tmp_path / "out"), "--tile", "64", "--device", "cpu", "--tta"])
     assert result.exit_code == 0, result.output
     assert "area m²" in result.output and "c0" in result.output
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scene_color.tif", "scene_mask.tif",
-                                                                   "scene_summary.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scene_color.tif", "scene_mask.qml",
+                                                                   "scene_mask.tif", "scene_summary.json"]
 
 
 @pytest.mark.parametrize("extra,message", [

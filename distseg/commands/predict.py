@@ -59,8 +59,28 @@ def predict(
                                    "(decoded whole; a decompression bomb guard). GeoTIFFs are read by windows."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table."),
+    vector: Optional[Path] = typer.Option(None, "--vector", help="Also write the class regions as polygons to this "
+                                          ".gpkg (the raster's CRS) or .geojson (EPSG:4326) file."),
+    vector_classes: Optional[str] = typer.Option(None, "--vector-classes", help="Comma-separated classes to "
+                                                 "vectorise (default: all), e.g. building."),
+    simplify: str = typer.Option("1px", "--simplify", help="Outline simplification tolerance: pixels with a px "
+                                 "suffix (1px), else map units (0.1 = 10 cm in a metric CRS); 0 keeps pixel edges."),
+    min_area: str = typer.Option("0", "--min-area", help="Drop polygons smaller than this many m² (or pixels with "
+                                 "a px suffix)."),
+    fill_holes: bool = typer.Option(False, "--fill-holes/--keep-holes", help="Fill the holes of polygons."),
+    regularize: Optional[str] = typer.Option(None, "--regularize", help="Comma-separated classes whose outlines "
+                                             "get right angles (e.g. building)."),
+    cog: bool = typer.Option(False, "--cog", help="Write the class raster as a cloud-optimised GeoTIFF with "
+                             "mode-resampled overviews."),
+    georef_from_name: bool = typer.Option(False, "--georef-from-name", help="Georeference PNG/JPEG web-map tile "
+                                          "chips named ...<x>-<y>-<z> (EPSG:3857); their outputs become GeoTIFFs."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="Folder of ground-truth masks named like the inputs; "
+                                         "with --objects, scores the predictions."),
+    objects: Optional[str] = typer.Option(None, "--objects", help="Class whose objects are counted against "
+                                          "--truth (precision, recall, F1 at IoU >= 0.5, and pixel IoU)."),
 ) -> None:
-    """Sliding-window prediction with blended overlaps: index mask, colour map, overlay, confidence, areas."""
+    """Sliding-window prediction with blended overlaps: index mask, colour map, overlay, confidence, areas,
+    optionally polygons, a cloud-optimised GeoTIFF and object scores."""
     from distseg.errors import describe, reported
     from distseg.inference.summary import combine, print_summary
     from distseg.predict import PredictConfig
@@ -68,7 +88,9 @@ def predict(
     try:
         cfg = PredictConfig(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, dtype=dtype, device=device,
                             chunk_width=chunk_width, bands=_parse_bands(bands), scale=scale, color=color,
-                            overlay=overlay, confidence=confidence, force=force, max_pixels=max_pixels)
+                            overlay=overlay, confidence=confidence, force=force, max_pixels=max_pixels,
+                            vector=_vector_config(vector, vector_classes, simplify, min_area, fill_holes, regularize),
+                            cog=cog, georef_from_name=georef_from_name, objects=_objects_config(truth, objects))
     except ValueError as exc:
         _fail(describe(exc))
     with reported():
@@ -77,6 +99,53 @@ def predict(
         for summary in summaries if len(summaries) <= _TABLES_MAX else [combine(summaries)]:
             print_summary(summary)
         typer.echo(f"wrote {len(summaries)} prediction(s) to {out} (per-file areas in <name>_summary.json)")
+        if cfg.vector is not None:
+            typer.echo(f"wrote polygons to {cfg.vector.path}")
+        if cfg.objects is not None and summaries:
+            _print_objects(summaries, cfg.objects)
+
+
+def _names(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    """'a, b' -> ('a', 'b')."""
+    return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _vector_config(path: Optional[Path], classes: Optional[str], simplify: str, min_area: str, fill_holes: bool,
+                   regularize: Optional[str]):
+    """The --vector options as a VectorConfig (None without --vector)."""
+    from distseg.inference.vector import VectorConfig, parse_amount
+
+    if path is None:
+        return None
+    tolerance, tolerance_px = parse_amount(simplify, "--simplify")
+    area, area_px = parse_amount(min_area, "--min-area")
+    return VectorConfig(path, _names(classes), tolerance, tolerance_px, area, area_px, fill_holes,
+                        _names(regularize) or ())
+
+
+def _objects_config(truth: Optional[Path], class_name: Optional[str]):
+    """--truth and --objects as an ObjectsConfig (both or neither)."""
+    from distseg.inference.objects import ObjectsConfig
+
+    if truth is None and class_name is None:
+        return None
+    if truth is None or class_name is None:
+        raise ValueError("--truth and --objects go together: --truth MASKS_DIR --objects CLASS")
+    return ObjectsConfig(truth, class_name)
+
+
+def _print_objects(summaries: list, cfg) -> None:
+    """One line with the object scores over all inputs."""
+    from distseg.inference.objects import total_objects
+
+    t = total_objects(summaries, cfg)
+
+    def pct(v: Optional[float]) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    typer.echo(f"objects '{t['class']}' (IoU >= {t['iou_threshold']}): {t['found']} found, {t['missed']} missed, "
+               f"{t['false']} false; precision {pct(t['precision'])}, recall {pct(t['recall'])}, F1 {pct(t['f1'])}; "
+               f"pixel IoU {pct(t['pixel_iou'])} (in objects_{t['class']}.json)")
 
 
 def _predict_into(out: Path, cfg, weights: Path, inputs: List[Path], model_config: Optional[Path],

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from distseg.inference.objects import ObjectsConfig
+from distseg.inference.vector import VectorConfig
 from distseg.limits import MAX_PIXELS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -48,6 +50,15 @@ class PredictConfig:
     """Overwrite existing outputs instead of refusing."""
     max_pixels: int = MAX_PIXELS
     """Refuse a PNG/JPEG whose header claims more pixels (it is decoded whole); GeoTIFFs are read by windows."""
+    vector: VectorConfig | None = None
+    """Also write the class regions as polygons into one GeoPackage/GeoJSON file (``--vector``)."""
+    cog: bool = False
+    """Write the class raster (mask) as a cloud-optimised GeoTIFF with mode-resampled overviews."""
+    georef_from_name: bool = False
+    """Place PNG/JPEG chips named ``...<x>-<y>-<z>`` on their web-map tile (EPSG:3857); their outputs are then
+    GeoTIFFs."""
+    objects: ObjectsConfig | None = None
+    """Score the predictions against ground-truth masks, per object and per pixel (``--truth``, ``--objects``)."""
 
     def __post_init__(self) -> None:
         if self.tile < 16:

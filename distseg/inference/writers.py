@@ -24,10 +24,11 @@ KINDS = ("mask", "color", "overlay", "confidence")
 
 
 def output_paths(out_dir: Path, input_path: Path, cfg: PredictConfig) -> dict[str, Path]:
-    """Final paths of the outputs ``cfg`` asks for, plus the JSON summary, keyed by kind."""
-    suffix = ".tif" if input_path.suffix.lower() in RASTER_SUFFIXES else ".png"
+    """Final paths of the outputs ``cfg`` asks for, the class raster's QGIS style and the JSON summary, by kind."""
+    suffix = ".tif" if input_path.suffix.lower() in RASTER_SUFFIXES or cfg.georef_from_name else ".png"
     wanted = {"mask": True, "color": cfg.color, "overlay": cfg.overlay, "confidence": cfg.confidence}
     paths = {k: out_dir / f"{input_path.stem}_{k}{suffix}" for k in KINDS if wanted[k]}
+    paths["style"] = out_dir / f"{input_path.stem}_mask.qml"
     paths["summary"] = out_dir / f"{input_path.stem}_summary.json"
     return paths
 
