@@ -35,6 +35,10 @@ class ResultRow:
     """CPU time of the same chain (steadier than wall time on a shared machine)."""
     seed: int | None = None
     """The chain's training seed when the recipe lists ``seeds``."""
+    per_class_precision: list[float | None] | None = None
+    """Per class: its correctly predicted pixels / all pixels predicted as it (None: never predicted)."""
+    per_class_recall: list[float | None] | None = None
+    """Per class: its correctly predicted pixels / all its true pixels (None: absent from the ground truth)."""
 
 
 @dataclass
@@ -67,6 +71,10 @@ class SummaryRow:
 
     def class_iou(self, name: str) -> float | None:
         return self.mean([dict(zip(r.class_names, r.per_class_iou)).get(name) for r in self.rows])
+
+    def class_metric(self, field: str, name: str) -> float | None:
+        """Mean over seeds of a per-class list ``field`` (``per_class_precision``, ``per_class_recall``)."""
+        return self.mean([dict(zip(r.class_names, getattr(r, field) or [])).get(name) for r in self.rows])
 
     def delta(self, baseline: SummaryRow) -> list[float] | None:
         """Per-seed mIoU differences to ``baseline``, paired by seed (None when the seeds do not pair up)."""
@@ -110,19 +118,30 @@ def _chain_total(chain: list[str], timings: dict[str, dict[str, float]], key: st
     return sum(values) if chain and None not in values else None
 
 
+def precision_recall(confusion: list[list[int]]) -> tuple[list[float | None], list[float | None]]:
+    """Per-class precision and recall from a confusion matrix (rows: ground truth, columns: prediction)."""
+    n = len(confusion)
+    tp = [confusion[c][c] for c in range(n)]
+    predicted = [sum(confusion[t][c] for t in range(n)) for c in range(n)]
+    true = [sum(confusion[c]) for c in range(n)]
+    return ([t / p if p else None for t, p in zip(tp, predicted)],
+            [t / g if g else None for t, g in zip(tp, true)])
+
+
 def _row(plan: Plan, stage: PlannedStage, timings: dict[str, dict[str, float]]) -> ResultRow:
     saved = json.loads((stage.folder / "eval.json").read_text())
     metrics = saved["whole_tile"]
     trained = stage.spec.parent
     record = ckpt.read_stage(plan.run_dir / trained) if trained else {}
     chain = _ancestors(plan, trained)
+    precision, recall = precision_recall(metrics["confusion"]) if "confusion" in metrics else (None, None)
     return ResultRow(
         label=stage.spec.label or stage.name, stage=trained or str(stage.parent_path), split=saved["split"],
         class_names=list(metrics["class_names"]), per_class_iou=list(metrics["per_class_iou"]),
         miou=metrics["miou"], pixel_acc=metrics["pixel_acc"], labeled=record.get("labeled_samples"),
         unlabeled=record.get("unlabeled_samples"), stage_seconds=timings.get(trained or "", {}).get("wall"),
         chain_seconds=_chain_total(chain, timings, "wall"), chain_cpu_seconds=_chain_total(chain, timings, "cpu"),
-        seed=stage.spec.seed)
+        seed=stage.spec.seed, per_class_precision=precision, per_class_recall=recall)
 
 
 def collect_rows(plan: Plan) -> list[ResultRow]:
@@ -149,18 +168,29 @@ def _classes(rows: list[ResultRow]) -> list[str]:
     return classes
 
 
+def foreground(rows: list[ResultRow]) -> str | None:
+    """The class whose precision and recall the table shows: the second of a two-class map (background 0 /
+    object 1, e.g. buildings), where IoU alone hides whether a model misses objects or invents them; None for
+    other maps (the CSV holds every class's precision and recall) or rows without a confusion matrix."""
+    classes = _classes(rows)
+    return classes[1] if len(classes) == 2 and any(r.per_class_precision for r in rows) else None
+
+
 def table(rows: list[ResultRow], baseline: str | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and text cells of the summary table: one line per row label, means over its seeds."""
     classes, groups = _classes(rows), summarise(rows)
     base = next((g for g in groups if g.label == baseline), None)
     seeded = any(r.seed is not None for r in rows)
-    header = ["row", "stage", *classes, "mIoU"] + (["± sd", "per seed"] if seeded else []) + \
+    fg = foreground(rows)
+    detail = [f"{fg} precision", f"{fg} recall"] if fg else []
+    header = ["row", "stage", *classes, *detail, "mIoU"] + (["± sd", "per seed"] if seeded else []) + \
         ([f"Δ vs {baseline}"] if base else []) + ["labelled", "unlabelled", "stage s", "chain s", "chain CPU s"]
     cells = []
     for g in groups:
         first = g.rows[0]
         stage = first.stage.removesuffix(f".s{first.seed}") if first.seed is not None else first.stage
         line = [g.label, stage, *[_pct(g.class_iou(c)) if c in first.class_names else "" for c in classes],
+                *[_pct(g.class_metric(f, fg)) for f in ("per_class_precision", "per_class_recall") if fg],
                 _pct(g.miou)]
         if seeded:
             line += [_pct(g.spread), " / ".join(_pct(r.miou) for r in g.rows)]
@@ -177,12 +207,14 @@ def table(rows: list[ResultRow], baseline: str | None = None) -> tuple[list[str]
 
 
 def write_results(rows: list[ResultRow], run_dir: Path, title: str, baseline: str | None = None) -> tuple[Path, Path]:
-    """results.md (the summary table, IoU in %) and results.csv (one line per evaluated model: IoU as fractions,
-    seconds unrounded, with its seed)."""
+    """results.md (the summary table, IoU in %) and results.csv (one line per evaluated model: IoU, precision and
+    recall per class as fractions, seconds unrounded, with its seed)."""
     header, cells = table(rows, baseline)
     seeds = sorted({r.seed for r in rows if r.seed is not None})
     about = f"mean over seeds {', '.join(map(str, seeds))}; " if seeds else ""
-    md = [f"# {title}", "", f"Per-class IoU and mIoU in % on the {rows[0].split if rows else 'test'} split ({about}"
+    fg = foreground(rows)
+    shown = f"Per-class IoU, {fg} precision and recall, and mIoU" if fg else "Per-class IoU and mIoU"
+    md = [f"# {title}", "", f"{shown} in % on the {rows[0].split if rows else 'test'} split ({about}"
           "± sd: sample standard deviation over seeds); wall and CPU times in seconds (chain: the stage and all its "
           "ancestors).", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in cells]
@@ -191,11 +223,15 @@ def write_results(rows: list[ResultRow], run_dir: Path, title: str, baseline: st
     classes = _classes(rows)
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["row", "seed", "stage", "split", *[f"iou_{c}" for c in classes], "miou", "pixel_acc",
+        writer.writerow(["row", "seed", "stage", "split", *[f"iou_{c}" for c in classes],
+                         *[f"{m}_{c}" for m in ("precision", "recall") for c in classes], "miou", "pixel_acc",
                          "labeled", "unlabeled", "stage_seconds", "chain_seconds", "chain_cpu_seconds"])
         for row in rows:
             iou = dict(zip(row.class_names, row.per_class_iou))
+            pr = [dict(zip(row.class_names, values or [])) for values in (row.per_class_precision,
+                                                                          row.per_class_recall)]
             writer.writerow([row.label, _num(row.seed), row.stage, row.split, *[_num(iou.get(c)) for c in classes],
+                             *[_num(m.get(c)) for m in pr for c in classes],
                              _num(row.miou), _num(row.pixel_acc), _num(row.labeled), _num(row.unlabeled),
                              _num(row.stage_seconds), _num(row.chain_seconds), _num(row.chain_cpu_seconds)])
     return md_path, csv_path
