@@ -1,4 +1,9 @@
-"""results.png: a few test tiles with their ground truth and every evaluated model's prediction."""
+"""results.png: a few test tiles with their ground truth and every evaluated model's prediction.
+
+The tiles are chosen to show what the rows differ on (:func:`pick_tiles`): first tiles that together show
+every class of the candidates' ground truth, then the tiles where the rows (ground truth and predictions)
+disagree on the most pixels.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,20 +14,43 @@ from distseg.pipeline.plan import Plan
 from distseg.pipeline.recipe import EVAL
 
 
-def _tiles(shards: str, split: str, count: int, ignore_index: int):
-    """``count`` tiles of a split, unaugmented: ([0, 1] float images B×3×H×W, masks B×H×W).
+CANDIDATES_PER_TILE = 8
+"""The figure's tiles are picked among this many times as many test tiles (the first batch of the split)."""
 
-    Taken from the first few batches, preferring the tiles with the fewest ignored (e.g. padded) pixels.
-    """
-    import torch
 
+def _candidates(shards: str, split: str, count: int):
+    """Candidate tiles of a split, unaugmented: ([0, 1] float images B×3×H×W, masks B×H×W)."""
     from distseg.data.stream import StreamConfig, build_loader
 
-    loader = build_loader(shards, split, StreamConfig(batch_size=4 * count, num_workers=0), train=False)
+    loader = build_loader(shards, split, StreamConfig(batch_size=CANDIDATES_PER_TILE * count, num_workers=0),
+                          train=False)
     batch = next(iter(loader))
-    valid = (batch.mask != ignore_index).flatten(1).float().mean(1)
-    order = torch.sort(torch.argsort(valid, descending=True, stable=True)[:count]).values
-    return batch.image[order], batch.mask[order]
+    return batch.image, batch.mask
+
+
+def pick_tiles(masks: np.ndarray, preds: list[np.ndarray], count: int, ignore_index: int) -> list[int]:
+    """Indices (ascending) of ``count`` tiles that show every class and where the rows disagree most.
+
+    ``masks`` is B×H×W ground truth, ``preds`` one B×H×W prediction per row. A tile's disagreement is the
+    share of its pixels, labelled ones only, where the ground truth and the rows do not all agree; ignored pixels
+    count as agreeing, so a mostly unlabelled tile ranks low. Tiles are taken greedily: while some class of the
+    candidates' ground truth is not shown yet, the tile showing the most missing classes (ties: the higher
+    disagreement); then the most disagreeing tiles.
+    """
+    labelled = masks != ignore_index
+    differs = np.zeros(masks.shape, dtype=bool)
+    for pred in preds:  # all rows agree exactly where every prediction equals the ground truth
+        differs |= pred != masks
+    disagreement = (differs & labelled).reshape(len(masks), -1).mean(1)
+    shown = [set(np.unique(m[v]).tolist()) for m, v in zip(masks, labelled)]
+    missing = set().union(*shown) if shown else set()
+    chosen: list[int] = []
+    while len(chosen) < min(count, len(masks)):
+        rest = [i for i in range(len(masks)) if i not in chosen]
+        best = max(rest, key=lambda i: (len(shown[i] & missing), disagreement[i], -i))
+        chosen.append(best)
+        missing -= shown[best]
+    return sorted(chosen)
 
 
 def _colorize(mask: np.ndarray, colors: list[tuple[int, int, int]], ignore_index: int) -> np.ndarray:
@@ -59,7 +87,7 @@ def write_figure(plan: Plan, path: Path, tiles: int) -> Path | None:
     from distseg.data.classes import ClassMap
 
     class_map = ClassMap.from_manifest(first.data_path)
-    images, masks = _tiles(first.data_path, first.eval_options.split, tiles, class_map.ignore_index)
+    images, masks = _candidates(first.data_path, first.eval_options.split, tiles)
     ignored = (masks == class_map.ignore_index).numpy()
     preds = []
     with torch.no_grad():
@@ -68,6 +96,8 @@ def write_figure(plan: Plan, path: Path, tiles: int) -> Path | None:
             pred = model(images).argmax(1).numpy()
             pred[ignored] = class_map.ignore_index  # no prediction shown where there is no ground truth
             preds.append(pred)
+    picked = pick_tiles(masks.numpy(), preds, tiles, class_map.ignore_index)
+    images, masks, preds = images[picked], masks[picked], [p[picked] for p in preds]
     colors, ignore = class_map.colors, class_map.ignore_index
     labels = ["image", "ground truth"] + [s.spec.label or s.name for s in rows]
     n = images.shape[0]
