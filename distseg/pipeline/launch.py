@@ -82,10 +82,13 @@ def write_stage_config(stage: PlannedStage) -> None:
         save_config(stage.config, stage.config_file)
 
 
-def child_env() -> dict[str, str]:
-    """The stage processes' environment: DeepSpeed on CPU when no GPU is visible (unless the user chose), and this
-    process as their supervisor (their ranks exit when it is gone: :mod:`distseg.supervise`)."""
-    env = supervised_env(dict(os.environ))
+def child_env(procs: int = 1) -> dict[str, str]:
+    """The environment of a stage launched as ``procs`` processes per node: DeepSpeed on CPU when no GPU is visible
+    (unless the user chose), compute threads from the cores free right now (:func:`distseg.resources.thread_env`),
+    and this process as their supervisor (their ranks exit when it is gone: :mod:`distseg.supervise`)."""
+    from distseg.resources import thread_env
+
+    env = thread_env(supervised_env(dict(os.environ)), procs)
     if "DS_ACCELERATOR" not in env:
         import torch
 
@@ -111,7 +114,7 @@ def _last_step(metrics: Path) -> tuple[int, dict[str, Any]]:
 
 
 def run_process(stage: PlannedStage, decision: Decision, log_path: Path, progress,
-                task) -> tuple[int, float, float]:
+                task, procs: int = 1) -> tuple[int, float, float]:
     """Run the stage's command with its output appended to ``log_path``; update ``progress`` from metrics.jsonl.
 
     Returns (exit status, wall seconds, CPU seconds of the stage's processes). CPU time is the steadier cost on a
@@ -119,17 +122,18 @@ def run_process(stage: PlannedStage, decision: Decision, log_path: Path, progres
     own that is stopped whenever this process stops (Ctrl-C, SIGTERM), and it dies with this process even on
     ``kill -9`` (:mod:`distseg.supervise`). Each invocation appends to the log under a header line; the log is
     copied into the stage folder afterwards (it cannot live there while running: a restarted stage's folder is
-    replaced by the stage itself).
+    replaced by the stage itself). ``procs`` is the stage's processes per node, which share the free cores.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start, cpu_start = time.perf_counter(), _children_cpu()
+    env = child_env(procs)
     with open(log_path, "ab") as log:
         header = f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {stage.display} " \
-                 f"{' '.join(decision.flags)}\n"
+                 f"{' '.join(decision.flags)} (threads per process: {env.get('OMP_NUM_THREADS')})\n"
         log.write(header.encode())
         log.flush()
         proc = subprocess.Popen(stage.command + decision.flags, stdout=log, stderr=subprocess.STDOUT,
-                                env=child_env(), start_new_session=True, preexec_fn=parent_death_signal())
+                                env=env, start_new_session=True, preexec_fn=parent_death_signal())
         try:
             with deferred_stop() as stop:
                 while proc.poll() is None and not stop:

@@ -103,7 +103,7 @@ def run_stages(plan: Plan, console) -> None:
             if leader:
                 write_stage_config(stage)
             log = plan.run_dir / "logs" / f"{stage.name}{node}.log"
-            code, seconds, cpu = run_process(stage, decision, log, progress, task)
+            code, seconds, cpu = run_process(stage, decision, log, progress, task, plan.recipe.nproc)
             if code != 0:
                 progress.update(task, info=f"[red]failed (exit {code})")
                 raise StageFailed(stage.name, code, log, log_tail(log))
