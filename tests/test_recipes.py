@@ -12,7 +12,9 @@ from distseg.pipeline import build_plan, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 RECIPES = [p for p in RECIPES if p.name != "dubai_classes.yaml"]
-EXPECTED = {"demo", "dubai_10pct", "dubai_dapt", "dubai_ddpm", "eh_mkd_ssl", "eh_ablation", "cityscapes_semi"}
+EXPECTED = {"demo", "dubai_10pct", "dubai_dapt", "dubai_ddpm", "dubai_long", "eh_mkd_ssl", "eh_ablation",
+            "cityscapes_semi", "oam_transfer"}
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _vars(tmp_path: Path) -> dict[str, str]:
@@ -120,3 +122,73 @@ def test_ddpm_recipe_trains_one_denoiser_for_every_seed(tmp_path):
         ("efficientnet_lite0", "imagenet", "adamw")
     assert (finetune.train.steps, finetune.train.eval_every, finetune.global_batch) == (200, 25, 8)
     assert plan.recipe.baseline == "ImageNet fine-tune"
+
+
+def _control_differs_in_lambda_u_alone(ssl, control) -> None:
+    """The λ_u = 0 control: same parent, schedule, optimizer and data as its SSL row; only lambda_u differs."""
+    assert control.options.lambda_u == 0 and ssl.options.lambda_u > 0
+    assert dataclasses.replace(control.options, lambda_u=ssl.options.lambda_u) == ssl.options
+    assert (ssl.parent, ssl.train, ssl.optim, ssl.data) == (control.parent, control.train, control.optim, control.data)
+
+
+def test_dubai_long_gives_ssl_the_schedule_it_needs(tmp_path):
+    recipe = next(p for p in RECIPES if p.stem == "dubai_long")
+    plan = build_plan(load_recipe(recipe, _vars(tmp_path), out=str(tmp_path / "run")), recipe, require_inputs=False)
+    stages = plan.by_name()
+    ft, ssl, control = (stages[f"{n}.s2"].config for n in ("ft", "ft_ssl", "ft_control"))
+    assert ssl.train.steps >= 1500 and ft.train.steps >= 1000
+    _control_differs_in_lambda_u_alone(ssl, control)
+    adaptive = stages["ft_ssl_adaptive.s2"].config
+    assert dataclasses.replace(adaptive.options, adaptive_tau=False) == ssl.options and adaptive.options.adaptive_tau
+    for config in (ft, ssl, control, adaptive):  # the headline is the last model: no validation picks a checkpoint
+        assert config.train.eval_every == 0 and config.train.ckpt_every > 0
+    labels = [s.spec.label for s in plan.stages if s.kind == "eval" and s.name.endswith(".s0")]
+    assert labels[0] == plan.recipe.baseline == "(a) fine-tune" and any("control" in label for label in labels)
+    assert plan.recipe.seeds == [0, 1, 2]
+
+
+def test_oam_transfer_pools_the_target_imagery_and_tests_on_the_target(tmp_path):
+    recipe = next(p for p in RECIPES if p.stem == "oam_transfer")
+    for target in ("kampala", "philippines"):
+        plan = build_plan(load_recipe(recipe, {**_vars(tmp_path), "TARGET": target}, out=str(tmp_path / target)),
+                          recipe, require_inputs=False)
+        assert plan.recipe.name == f"oam_transfer_{target}"
+        datasets = plan.recipe.datasets
+        assert datasets["target"].shard.include == datasets["target_pool"].shard.include == f"^{target}_"
+        assert datasets["target"].shard.split == "0:0:1" and datasets["target_pool"].shard.masks is None
+        stages = plan.by_name()
+        pool = (datasets["nairobi"].path, datasets["target_pool"].path)
+        for name in ("ft_ssl", "ft_control", "skd_ssl", "mkd_ssl"):
+            assert stages[f"{name}.s1"].config.data.unlabeled == pool, name
+            assert stages[f"{name}.s1"].config.data.shards == datasets["nairobi"].path
+        _control_differs_in_lambda_u_alone(stages["ft_ssl.s1"].config, stages["ft_control.s1"].config)
+        evals = [s for s in plan.stages if s.kind == "eval"]
+        assert {s.data_path for s in evals} == {datasets["target"].path}
+        assert all(s.eval_options.split == "test" for s in evals)
+        # MKD: the Dubai hop runs once for every seed; each seed's Nairobi head starts from that one student
+        assert [s.name for s in plan.stages if s.name.startswith("dubai_")] == ["dubai_teacher", "dubai_student"]
+        assert stages["mkd_teacher.s2"].config.parent == str(tmp_path / target / "dubai_student")
+        assert stages["skd_teacher.s2"].config.parent is None or "dubai" not in stages["skd_teacher.s2"].config.parent
+    labels = [s.spec.label for s in plan.stages if s.kind == "eval" and s.name.endswith(".s0")]
+    assert labels[0] == plan.recipe.baseline == "(a) fine-tune"
+    assert any("control" in label for label in labels) and any("MKD" in label for label in labels)
+
+
+def test_oam_transfer_splits_the_real_data_as_documented(tmp_path):
+    """The protocol's counts, planned from the file names alone (no image is read)."""
+    from distseg.data.splitting import labeled_subset, parse_ratio, strip_extent, strip_splits
+
+    if not (SHARED / "oam_buildings").is_dir() or not (SHARED / "dubai_aerial").is_dir():
+        pytest.skip(f"real data not available under {SHARED}")
+    recipe = next(p for p in RECIPES if p.stem == "oam_transfer")
+    plan = build_plan(load_recipe(recipe, {"DATA": str(SHARED)}, out=str(tmp_path / "run")), recipe)
+    assert not plan.warnings
+    source, target = plan.recipe.datasets["nairobi"].shard, plan.recipe.datasets["target"].shard
+    names = sorted(p.name for p in Path(source.images).iterdir())
+    nairobi = [n for n in names if source.include_pattern().search(n)]
+    kampala = [n for n in names if target.include_pattern().search(n)]
+    assert (len(nairobi), len(kampala)) == (504, 147)
+    split = strip_splits({n: strip_extent(n, source.strip_pattern()) for n in nairobi}, parse_ratio(source.split))
+    train = [n.rsplit(".", 1)[0] for n in nairobi if split[n] == "train"]
+    assert (len(train), sum(v == "val" for v in split.values())) == (420, 84)
+    assert len(labeled_subset(train, source.labeled_fraction, source.seed)) == 42
