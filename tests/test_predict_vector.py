@@ -29,7 +29,7 @@ from distseg.inference.objects import ObjectScore, match_objects  # noqa: E402
 from distseg.inference.outline import regularize  # noqa: E402
 from distseg.inference.polygonize import Polygonizer  # noqa: E402
 from distseg.inference.styles import qml  # noqa: E402
-from distseg.inference.vector import VectorConfig  # noqa: E402
+from distseg.inference.vector import VectorConfig, parse_amount  # noqa: E402
 from distseg.predict import PredictConfig, PredictError, predict_paths  # noqa: E402
 from tests.test_predict import conv_model, tiny_class_map  # noqa: E402
 from tests.test_predict_io import CRS_UTM, TRANSFORM, write_geotiff  # noqa: E402
@@ -362,3 +362,21 @@ def test_cli_objects_on_chips_with_ground_truth(tmp_path, monkeypatch):
     assert total["f1"] == pytest.approx(2 / 3) and total["files"] == 1
     per_file = json.loads((tmp_path / "out" / "chip_summary.json").read_text())["objects"]
     assert (per_file["found"], per_file["missed"], per_file["false"]) == (2, 1, 1)
+
+
+def test_simplify_tolerance_in_map_units_is_the_same_as_in_pixels(tmp_path):
+    image = np.full((64, 64, 3), 40, dtype=np.uint8)
+    rows, cols = np.mgrid[:64, :64]
+    image[(rows - 32) ** 2 + (cols - 30) ** 2 < 20 ** 2, 0] = 220  # a round roof: a staircase outline
+    write_geotiff(tmp_path / "site.tif", image, nodata=None)
+    layers = {}
+    for name, amount in (("px", "3px"), ("map", "1.5"), ("exact", "0")):
+        tolerance, in_pixels = parse_amount(amount, "--simplify")
+        cfg = PredictConfig(tile=64, force=True, vector=VectorConfig(tmp_path / f"{name}.gpkg", classes=("building",),
+                                                                     simplify=tolerance, simplify_in_pixels=in_pixels))
+        predict_paths(red_model(), BUILDINGS, [tmp_path / "site.tif"], tmp_path / "out", cfg, progress=False)
+        (layers[name],), _ = read_layer(tmp_path / f"{name}.gpkg")
+    assert layers["px"]["geometry"].equals(layers["map"]["geometry"])  # 1.5 m at 0.5 m per pixel = 3 px
+    exact, simple = layers["exact"]["geometry"], layers["px"]["geometry"]
+    assert len(simple.exterior.coords) < len(exact.exterior.coords) / 3
+    assert simple.symmetric_difference(exact).area < 0.1 * exact.area
