@@ -59,7 +59,7 @@ def bench_kind(kind: str, backbone: str, size: int, micro_batch: int, repeats: i
             if ema is not None:
                 ema.skip_nonfinite = on
             start = time.perf_counter()
-            train_step(trainer.task, trainer.engine, trainer.streams, trainer.env.device,
+            train_step(trainer.task, trainer.engine, trainer.data.streams, trainer.env.device,
                        guard=trainer.guard if on else None)
             return time.perf_counter() - start
 

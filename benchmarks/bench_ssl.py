@@ -146,7 +146,7 @@ def bench_step(repeats: int, backbone: str = "hrnet_w18_small", size: int = 128,
         stage = _ssl_stage(Path(tmp), backbone, size, micro_batch)
         task, device = stage.task, stage.env.device
         opts = task.options
-        batches = next_batches(stage.streams, device)
+        batches = next_batches(stage.data.streams, device)
         images, weak, strong = batches.labelled.image, batches.unlabelled.image, batches.unlabelled.image_strong
 
         def model_only() -> None:
@@ -158,7 +158,7 @@ def bench_step(repeats: int, backbone: str = "hrnet_w18_small", size: int = 128,
             stage.engine.step()
 
         def full() -> None:
-            train_step(task, stage.engine, stage.streams, device, guard=stage.guard)
+            train_step(task, stage.engine, stage.data.streams, device, guard=stage.guard)
 
         t = compare({"full": full, "model": model_only}, repeats)
     share = 1.0 - t["model"]["median_s"] / t["full"]["median_s"]

@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from distseg.errors import UserError
+
 T = TypeVar("T")
 
 _INT = re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$|^0x[0-9a-fA-F_]+$|^0o?[0-7_]+$")
@@ -23,7 +25,7 @@ _FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9
                     r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is malformed (unknown key, wrong type, invalid value)."""
 
 

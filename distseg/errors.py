@@ -1,7 +1,7 @@
 """The command-line error contract: bad input, or a disk that refuses a write, is one ``error:`` line and exit 2.
 
-Every command reports the same exception types the same way (:func:`reported`), so a failure that is the user's or
-the machine's (a missing file, an unwritable or full disk) never shows a traceback, and a bug still does.
+Every command reports the same exception types the same way (:func:`reported`): a :class:`UserError` (bad input) or
+an ``OSError`` (a missing file, an unwritable or full disk) never shows a traceback, and a bug still does.
 """
 from __future__ import annotations
 
@@ -11,22 +11,15 @@ import os
 from typing import Iterator
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean bad input or a failing file system, not a bug (imported lazily: some pull torch)."""
-    from distseg.config import ConfigError
-    from distseg.data.errors import DataError
-    from distseg.engine.checkpoint import CheckpointError
-    from distseg.engine.finite import NonFiniteError
-    from distseg.folders import FolderError
-    from distseg.inference.errors import PredictError
-    from distseg.models.architectures import InputSizeError
-    from distseg.models.backbones import PretrainedWeightsError
-    from distseg.models.weights import WeightsError
-    from distseg.pipeline.recipe import RecipeError
-    from distseg.stages.common import StageError
+class UserError(Exception):
+    """Bad input, reported as one line: the base of every error whose message names the file and the problem
+    (a config, a shard folder, a stage folder, a checkpoint, weights, a recipe...). Modules at every layer derive
+    their errors from it, so this module imports none of them."""
 
-    return (ConfigError, StageError, DataError, CheckpointError, WeightsError, PretrainedWeightsError, PredictError,
-            InputSizeError, RecipeError, FolderError, NonFiniteError, OSError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input or a failing file system, not a bug."""
+    return (UserError, OSError)
 
 
 def describe(exc: BaseException) -> str:

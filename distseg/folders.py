@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from distseg.errors import UserError
+
 LOCK_NAME = ".distseg.lock"
 
 
-class FolderError(ValueError):
+class FolderError(UserError, ValueError):
     """A folder is in use by another process, or is not one that distseg may replace."""
 
 

@@ -5,7 +5,7 @@ import sys
 # This folder holds ssl.py, which would shadow the standard library's ssl module for everything imported below.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from distseg.stages.evaluate import app  # noqa: E402
+from distseg.stages.launcher import main  # noqa: E402
 
 if __name__ == "__main__":
-    app(prog_name="launch/evaluate.py")
+    main("eval", prog="launch/evaluate.py")

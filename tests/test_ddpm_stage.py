@@ -56,7 +56,7 @@ def _denoising_loss(unet, images: torch.Tensor, scheduler) -> float:
 
 def test_tiny_ddpm_denoising_loss_falls_on_cpu():
     torch.manual_seed(0)
-    task = get_kind("ddpm").task(_context("ddpm", {"denoiser": DENOISER, "ema_alpha": None}))
+    task = get_kind("ddpm").task(_context("ddpm", {"denoiser": DENOISER, "ema": None}))
     student = task.build()
     task.bind(student.module)  # a plain module stands in for the DeepSpeed engine
     images = _smooth_images(16)
@@ -68,7 +68,7 @@ def test_tiny_ddpm_denoising_loss_falls_on_cpu():
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()
-        task.after_step(True)
+        task.state.after_step(True)
     after = _denoising_loss(task.student, images, task.scheduler)
     assert after < 0.6 * before, (before, after)
 
@@ -153,7 +153,7 @@ def _stage_config(tmp: Path, kind: str, options: dict, **train) -> Path:
 
 
 def _ddpm_options(**extra) -> dict:
-    return {"denoiser": DENOISER, "ema_alpha": 0.9, "ema_warmup_steps": 0, "samples": 4, "sample_steps": 3, **extra}
+    return {"denoiser": DENOISER, "ema": {"alpha": 0.9, "warmup_steps": 0}, "samples": 4, "sample_steps": 3, **extra}
 
 
 @pytest.fixture(scope="module")

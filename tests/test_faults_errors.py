@@ -310,11 +310,11 @@ def test_resume_falls_back_past_damaged_rng_ema_and_teacher_files(ssl_run):
     run = _interrupted_copy(tmp / "ref", tmp / "damaged")
     ckpt = run / "checkpoint"
     (ckpt / "step00000004" / "rng_rank0.pt").write_bytes(b"garbage")
-    (ckpt / "step00000003" / "ema_state.pt").write_bytes(b"\x80\x02garbage")
+    (ckpt / "step00000003" / "task_state.pt").write_bytes(b"\x80\x02garbage")
     teacher = ckpt / "step00000002" / "teacher.safetensors"
     teacher.write_bytes(teacher.read_bytes()[:200])
     proc = launch("ssl.py", *args, "--out", str(run), "--resume")
-    for tag, name in (("4", "rng_rank0.pt"), ("3", "ema_state.pt"), ("2", "teacher.safetensors")):
+    for tag, name in (("4", "rng_rank0.pt"), ("3", "task_state.pt"), ("2", "teacher.safetensors")):
         assert f"warning: not resuming from step0000000{tag}" in proc.stdout and name in proc.stdout, proc.stdout
     assert "resumed" in proc.stdout and "at step 1" in proc.stdout
     assert json.loads((run / "stage.json").read_text())["finished"]

@@ -40,7 +40,7 @@ def test_deepspeed_hostfile_and_master_address(tmp_path, target_shards):
     hosts = str(tmp_path / "hosts")
     assert ft.display.startswith(f"deepspeed --num_gpus 4 --num_nodes 2 --hostfile {hosts} --master_addr node1 "
                                  f"--master_port 29510 --module distseg.stages finetune")
-    assert ev.display.startswith("deepspeed --num_gpus 4 --num_nodes 2") and "distseg.stages evaluate" in ev.display
+    assert ev.display.startswith("deepspeed --num_gpus 4 --num_nodes 2") and "distseg.stages eval" in ev.display
     assert ft.identity["ds_config_resolved"]["train_micro_batch_size_per_gpu"] == 1, "8 images over 8 ranks"
     assert plan.recipe.launch.leader
 

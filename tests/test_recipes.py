@@ -55,7 +55,7 @@ def test_study_recipe_holds_the_study_settings(tmp_path):
     distill = next(s for s in plan.stages if s.kind == "distill").config
     assert (ssl.model.backbone, ssl.model.psa) == ("hrnet_w48", "parallel")
     assert ssl.global_batch == 8 and ssl.data.stream.augment.crop_size == 512
-    assert (ssl.optim.lr, ssl.loss.kind, ssl.options.tau, ssl.options.ema_alpha) == (1e-3, "ohem", 0.95, 0.999)
+    assert (ssl.optim.lr, ssl.loss.kind, ssl.options.tau, ssl.options.ema.alpha) == (1e-3, "ohem", 0.95, 0.999)
     assert distill.options.temperature == 3.0
     kinds = [s.kind for s in plan.stages if s.kind != "eval"]
     assert kinds == ["head", "distill", "head", "distill", "ssl"]

@@ -23,7 +23,7 @@ from distseg.stages.task import StageContext
 def test_every_registered_kind_loads_and_every_launch_script_is_a_kind():
     kinds = all_kinds()
     assert [k.name for k in kinds] == kind_names() == list(MODULES)
-    scripts = {p.name for p in (REPO / "launch").glob("*.py")} - {"evaluate.py"}
+    scripts = {p.name for p in (REPO / "launch").glob("*.py")}
     assert scripts == {k.script for k in kinds if k.script}
     for kind in kinds:
         if kind.script:
@@ -52,14 +52,14 @@ def test_module_help_lists_every_kind():
     out = subprocess.run([sys.executable, "-m", "distseg.stages", "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert out.returncode == 0
-    for name in kind_names() + ["evaluate"]:
+    for name in kind_names():
         assert f"  {name} " in out.stdout, name
     bad = subprocess.run([sys.executable, "-m", "distseg.stages", "nope"], capture_output=True, text=True, cwd=REPO,
                          timeout=120)
     assert bad.returncode == 2 and "unknown stage kind 'nope'" in bad.stderr
 
 
-@pytest.mark.parametrize("kind", kind_names())
+@pytest.mark.parametrize("kind", [k for k in kind_names() if get_kind(k).trains])
 def test_config_round_trip_spells_options_under_the_kind(kind):
     spec = get_kind(kind)
     data = {"kind": kind, "parent": "p" if spec.parent != "none" else None, "model": {"pretrained": "imagenet"}}
@@ -68,6 +68,8 @@ def test_config_round_trip_spells_options_under_the_kind(kind):
     assert again == cfg and "options" not in to_dict(cfg)
     assert (kind in to_dict(cfg)) == (spec.options is not None)
     other = next(k for k in kind_names() if k != kind and get_kind(k).options is not None)
+    with pytest.raises(ConfigError, match="'eval' is not a training kind"):
+        from_dict(StageConfig, {**data, "kind": "eval", "parent": "p"})
     with pytest.raises(ConfigError, match=f"do not apply to a {kind} stage"):
         from_dict(StageConfig, {**data, other: {}})
 
@@ -128,7 +130,7 @@ def test_a_task_step_runs_in_process_on_a_cpu_batch(kind, options):
 
 def test_adaptive_thresholds_follow_the_teacher_and_survive_a_checkpoint(tmp_path):
     """The SSL task's per-class τ comes from its teacher's confidence on the batch, reaches the loss dict, and
-    save_extra/load_extra carry it into a resumed task."""
+    its stage state carries it into a resumed task."""
     from distseg.models import ModelConfig
     from distseg.ops.pseudo import tta_probs
 
@@ -146,8 +148,8 @@ def test_adaptive_thresholds_follow_the_teacher_and_survive_a_checkpoint(tmp_pat
     confidence, label = probs.max(1)
     sigma = torch.tensor([confidence[label == c].mean() if (label == c).any() else 1.0 for c in range(3)])
     torch.testing.assert_close(losses["class_tau"], 0.9 * sigma / sigma.max(), rtol=1e-5, atol=1e-6)
-    task.save_extra(tmp_path)
-    resumed.load_extra(tmp_path)
+    task.state.save(tmp_path)
+    resumed.state.load(tmp_path)
     assert torch.equal(resumed.thresholds.sigma, task.thresholds.sigma)
 
 

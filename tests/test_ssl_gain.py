@@ -36,7 +36,7 @@ def test_running_stats_frozen_keeps_statistics_but_normalises_by_batch():
     bn.running_mean.fill_(0.5)
     before = {k: v.clone() for k, v in bn.state_dict().items() if k != "num_batches_tracked"}
     x = torch.randn(4, 3, 5, 5) * 3 + 1
-    with running_stats_frozen([bn]):
+    with running_stats_frozen(bn):
         y = bn(x)
     assert bn.momentum is None
     for key, value in before.items():
@@ -99,7 +99,7 @@ def test_ssl_stage_improves_its_start_model(data, init_weights, tmp_path):
     launch("distill.py", "--config", cfg, "--data", str(data), "--teacher", str(init_weights), "--out", str(start),
            "--steps", str(START_STEPS), "--set", "distill.init_from_teacher=true", "--set", "distill.alpha=0",
            "--set", "distill.ewc_lambda=0")
-    ssl_sets = ("optim.lr=0.01", "train.eval_every=20", "ssl.tau=0.95", "ssl.ema_warmup=true", *MILD_STRONG_VIEW)
+    ssl_sets = ("optim.lr=0.01", "train.eval_every=20", "ssl.tau=0.95", "ssl.ema.warmup_steps=1000", *MILD_STRONG_VIEW)
     launch("ssl.py", "--config", cfg, "--data", str(data), "--init", str(start), "--out", str(ssl),
            "--steps", str(SSL_STEPS), *(arg for s in ssl_sets for arg in ("--set", s)))
     before = _record(start)["metrics"]["student"]["miou"]

@@ -15,7 +15,7 @@ def _ssl_run(tmp, target_shards, init_weights, name: str):
     data = yaml.safe_load(cfg.read_text())
     data["model"]["psa"] = "parallel"
     data["data"]["stream"]["num_workers"] = 2  # each worker owns a slice of the shards and its own RNG stream
-    data["ssl"] = {"tau": 0.5, "tta": ["identity", "hflip"], "ema_alpha": 0.9}
+    data["ssl"] = {"tau": 0.5, "tta": ["identity", "hflip"], "ema": {"alpha": 0.9}}
     cfg.write_text(yaml.safe_dump(data))
     out = tmp / name
     launch("ssl.py", "--config", str(cfg), "--data", str(target_shards), "--init", str(init_weights), "--out", str(out))

@@ -19,7 +19,7 @@ from distseg.stages.registry import get_kind
 from distseg.stages.trainer import Trainer
 
 cfg = build_config("ssl", sys.argv[1], {"data.shards": sys.argv[2], "parent": sys.argv[3], "out": sys.argv[4]},
-                   ["ssl.ema_alpha=0.9", "ssl.tau=0.0"])
+                   ["ssl.ema.alpha=0.9", "ssl.tau=0.0"])
 env = init_distributed(device="cpu")
 stage = Trainer(get_kind("ssl"), cfg, env)
 teacher, student = stage.task.teacher, stage.engine.module
@@ -29,12 +29,12 @@ assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.tr
 for step in range(3):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     for _ in range(stage.ds_cfg["gradient_accumulation_steps"]):
-        losses = stage.task.step(next_batches(stage.streams, env.device))
+        losses = stage.task.step(next_batches(stage.data.streams, env.device))
         stage.engine.backward(losses["loss"])
         stage.engine.step()
     assert all(p.grad is None for p in teacher.parameters()), "teacher received gradients"
     assert losses["kept_fraction"].item() == 1.0  # tau = 0 keeps every pixel
-    stage.task.after_step(stage.engine.was_step_applied())
+    stage.task.state.after_step(stage.engine.was_step_applied())
     after, now = teacher.state_dict(), student.state_dict()
     for k, v in after.items():
         if v.is_floating_point():
@@ -42,7 +42,7 @@ for step in range(3):
         else:
             assert torch.equal(v, now[k]), k
     assert not teacher.training
-stage.task.after_step(False)  # a skipped (overflowed) step leaves the teacher untouched
+stage.task.state.after_step(False)  # a skipped (overflowed) step leaves the teacher untouched
 assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in after.items())
 print("OK")
 """

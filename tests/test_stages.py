@@ -103,7 +103,7 @@ def _max_diff(a, b):
 
 @pytest.mark.parametrize("script,extra,exports", [
     ("finetune_head.py", ["--set", "head.train_head=true"], ["model.safetensors"]),
-    ("ssl.py", ["--set", "ssl.tau=0.5", "--set", "ssl.ema_warmup=true"], ["model.safetensors", "student.safetensors"]),
+    ("ssl.py", ["--set", "ssl.tau=0.5", "--set", "ssl.ema.warmup_steps=1000"], ["model.safetensors", "student.safetensors"]),
     ("pretrain_mim.py", ["--set", "mim.patch_size=16"], ["model.safetensors"]),
 ], ids=["head", "ssl", "mim"])
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, target_shards, init_weights, script, extra, exports):

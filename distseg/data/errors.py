@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import re
 
+from distseg.errors import UserError
+
 _FROM_WORKER = re.compile(r"^Caught \w+ (in DataLoader worker process \d+)\.\nOriginal Traceback")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data: the message names the file and the problem (the CLI prints it and exits 2).
 
     Raised inside a DataLoader worker, torch re-raises it in the main process as ``DataError(text)`` where ``text``

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from distseg.errors import UserError
 from distseg import __version__
 
 STAGE_JSON = "stage.json"
@@ -27,7 +28,7 @@ FISHER = "fisher.safetensors"
 COMPLETE = "COMPLETE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A stage folder or checkpoint is missing, incomplete or corrupt."""
 
 

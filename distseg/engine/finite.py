@@ -16,10 +16,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from distseg.errors import UserError
 from distseg.ops.finite import all_finite
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(UserError, ValueError):
     """Training diverged: too many non-finite steps in a row, or weights with NaN/inf where a result is due."""
 
 

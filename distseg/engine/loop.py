@@ -22,34 +22,36 @@ from distseg.engine.distributed import (DistEnv, barrier, broadcast_object, gath
                                         sum_counts)
 from distseg.engine.finite import NonFiniteError, StepGuard, nonfinite_modules
 from distseg.engine.runlog import RunLog
+from distseg.engine.state import StageState
+
+
+class StageInputs(Protocol):
+    """What the loop draws from (``distseg.stages.data.StageData`` implements it)."""
+
+    streams: dict[str, "EpochStream"]
+    """The endless train streams, named like the fields of ``Batches``."""
+    val_loader: Any
+    """The validation loader, or None."""
 
 
 class StageTask(Protocol):
     """What the loop calls on a stage's task (``distseg.stages.task.Task`` implements it)."""
 
+    cfg: Any
+    """The stage config: the loop reads ``cfg.train``."""
+    env: DistEnv
+
+    state: StageState
+    """The task's declared modules and objects: synced, checked, checkpointed and resumed by the loop."""
+
     def step(self, batches: Batches) -> dict[str, torch.Tensor]:
         """Losses of one micro-step on the given batches (``'loss'`` is the one optimised)."""
-
-    def after_step(self, applied: bool) -> None:
-        """Called once per optimizer step, with whether the optimizer really stepped (fp16 overflow skips)."""
-
-    def sync(self) -> None:
-        """Collective: make BN buffers (of every model the stage saves) identical across ranks."""
 
     def evaluate(self, loader) -> dict[str, Any] | None:
         """Validate; metrics with a ``'score'`` key (higher is better) keep the best model; None: no validation."""
 
     def export(self, folder: Path) -> None:
         """Write the weights a later stage or ``predict`` uses (rank 0 only; no collectives here)."""
-
-    def save_extra(self, folder: Path) -> None:
-        """Save state DeepSpeed does not own (an EMA teacher) into a checkpoint tag folder (rank 0)."""
-
-    def load_extra(self, folder: Path) -> None:
-        """Restore what :meth:`save_extra` wrote (every rank)."""
-
-    def replicas(self) -> dict[str, torch.nn.Module]:
-        """The modules every rank holds a copy of, by name (checked for divergence at the end)."""
 
     def finish(self, folder: Path) -> None:
         """Work done once at the very end, after the best weights are in place."""
@@ -135,7 +137,7 @@ def train_step(task: StageTask, engine, streams: dict[str, Iterator], device: to
     """One optimizer step: ``accum`` micro-steps through the engine, then the task's after-step hook.
 
     With a ``guard`` (the one the engine's optimizer asks), a step whose loss or gradients are not finite on any rank
-    is skipped on every rank, and ``after_step(False)`` keeps an EMA teacher away from it. This is the whole
+    is skipped on every rank, and the task state's ``after_step(False)`` keeps an EMA teacher away from it. This is the whole
     training step; the loop and ``distseg bench`` both call it.
     """
     sums: dict[str, torch.Tensor] = {}
@@ -151,28 +153,29 @@ def train_step(task: StageTask, engine, streams: dict[str, Iterator], device: to
             value = value.detach().float()
             sums[key] = sums[key] + value if key in sums else value
     applied = guard.applied(engine) if guard is not None else bool(engine.was_step_applied())
-    task.after_step(applied)
+    task.state.after_step(applied)
     return StepResult(sums, applied)
 
 
 class Loop:
     """Runs a stage's task for ``train.steps`` optimizer steps (see module docstring)."""
 
-    def __init__(self, task: StageTask, engine, streams: dict[str, "EpochStream"], val_loader, folder: Path,
-                 train_cfg, ds_cfg: dict, env: DistEnv, record: dict[str, Any], guard: StepGuard | None = None) -> None:
-        self.task, self.engine, self.streams, self.val_loader = task, engine, streams, val_loader
-        self.folder, self.cfg, self.env, self.record, self.guard = folder, train_cfg, env, record, guard
-        self.accum = int(ds_cfg["gradient_accumulation_steps"])
-        self.images_per_step = int(ds_cfg["train_batch_size"])
+    def __init__(self, task: StageTask, engine, data: StageInputs, folder: Path, record: dict[str, Any],
+                 guard: StepGuard | None = None) -> None:
+        self.task, self.engine, self.folder, self.record, self.guard = task, engine, folder, record, guard
+        self.streams, self.val_loader = data.streams, data.val_loader
+        self.cfg, self.env = task.cfg.train, task.env
+        self.accum = int(engine.gradient_accumulation_steps())
+        self.images_per_step = int(engine.train_batch_size())
         self.step = 0
         self.best: dict[str, Any] = {"score": float("-inf"), "step": None, "metrics": None}
         self.skipped = 0
         """Optimizer steps skipped so far (non-finite loss or gradients, fp16 overflow)."""
         self.nonfinite: list[str] = []
         """Models found non-finite (weights or validation outputs) by the latest evaluation."""
-        self.corrupt = {name: 0 for name in streams}
+        self.corrupt = {name: 0 for name in self.streams}
         """Corrupt samples skipped so far, summed over ranks, by stream."""
-        self._corrupt_local = {name: 0 for name in streams}
+        self._corrupt_local = {name: 0 for name in self.streams}
         self.ckpt_dir = folder / "checkpoint"
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -186,8 +189,8 @@ class Loop:
         """
         tag = f"step{self.step:08d}"
         tag_dir = self.ckpt_dir / tag
-        self.task.sync()
-        bad = nonfinite_modules(self.task.replicas())  # replicas are identical, so every rank agrees
+        self.task.state.sync()
+        bad = nonfinite_modules(self.task.state.replicas())  # replicas are identical, so every rank agrees
         if bad:
             raise NonFiniteError(f"{self.folder}: the {', '.join(bad)} weights are not finite (NaN/inf) at step "
                                  f"{self.step}: training diverged, so they are neither checkpointed nor exported "
@@ -202,7 +205,7 @@ class Loop:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
             torch.save(_rng_state(), tag_dir / f"rng_rank{self.env.rank}.pt")
             if self.env.is_main:
-                self.task.save_extra(tag_dir)
+                self.task.state.save(tag_dir)
         except (OSError, RuntimeError, ValueError) as exc:  # torch and safetensors report a failed write their way
             problem = f"rank {self.env.rank}: {type(exc).__name__}: {exc}"
         problem = _first(gather_objects(problem))
@@ -253,7 +256,7 @@ class Loop:
             skipped, corrupt = int(client.get("skipped", 0)), dict(client.get("corrupt", {}))
             states = {name: client["streams"][name] for name in self.streams}
             _set_rng_state(ckpt.safe_load(tag_dir / f"rng_rank{self.env.rank}.pt"))
-            self.task.load_extra(tag_dir)
+            self.task.state.load(tag_dir)
         except Exception as exc:  # a readable file with the wrong content: this tag is unusable
             return f"{tag_dir}: {type(exc).__name__}: {exc}"
         self.step, self.best, self.skipped = step, best, skipped
@@ -269,8 +272,8 @@ class Loop:
         A model with NaN/inf weights, or whose validation outputs are not finite, is never selected: the evaluation
         is logged with ``nonfinite`` (the names of those models), which ``self.nonfinite`` keeps for the end.
         """
-        self.task.sync()
-        self.nonfinite = nonfinite_modules(self.task.replicas())
+        self.task.state.sync()
+        self.nonfinite = nonfinite_modules(self.task.state.replicas())
         if self.nonfinite:
             log.write({"step": self.step, "nonfinite": self.nonfinite})
             return None
@@ -379,7 +382,7 @@ def finalize(loop: Loop, fisher) -> None:
             fisher(folder)
     barrier()
     task.finish(folder)
-    divergence = {name: rank_divergence(module) for name, module in task.replicas().items()}
+    divergence = {name: rank_divergence(module) for name, module in task.state.replicas().items()}
     if env.is_main:
         record.update(finished=True, steps=loop.step, best_step=loop.best["step"],
                       metrics=loop.best["metrics"] or {}, rank_divergence=divergence, skipped_steps=loop.skipped,

@@ -6,10 +6,15 @@ read back in :meth:`ConfusionMatrix.compute`. Rows are ground truth, columns are
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
+
+from distseg.engine.distributed import DistEnv, sum_counts
+
+if TYPE_CHECKING:
+    from distseg.data.classes import ClassMap
 
 
 class ConfusionMatrix:
@@ -76,6 +81,30 @@ class ConfusionMatrix:
             "pixel_acc": float(tp.sum()) / total if total else None,
             "confusion": self.matrix.cpu().tolist(),
         }
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, loader, class_map: "ClassMap", env: DistEnv, autocast) -> dict[str, Any]:
+    """Whole-tile validation: one confusion matrix over the split, summed across ranks.
+
+    ``finite_outputs`` says whether every logit was finite: a diverged model can hold finite weights whose outputs
+    overflow, and its argmax would still make a (meaningless) confusion matrix.
+    """
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(class_map.num_classes, class_map.ignore_index, device=env.device)
+    bad = torch.zeros((), dtype=torch.bool, device=env.device)
+    for batch in loader:
+        with autocast:
+            logits = model(batch.image.to(env.device, non_blocking=True))
+        bad |= ~logits.isfinite().all()
+        cm.update(logits.argmax(1), batch.mask.to(env.device, non_blocking=True))
+    cm.all_reduce()
+    model.train(was_training)
+    result = cm.compute()
+    result["class_names"] = class_map.names
+    result["finite_outputs"] = sum_counts([int(bad)], env.device)[0] == 0
+    return result
 
 
 def _pct(value: float | None) -> str:

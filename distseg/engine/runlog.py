@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
 
 from distseg.engine.distributed import DistEnv
 
@@ -30,15 +32,37 @@ def scalar_events(prefix: str, values: dict[str, Any], step: int,
                     yield f"{tag}/{label}", float(v), step
 
 
-class RunLog:
-    """Writes what the loop logs: metrics.jsonl lines, monitor scalars and the rich progress bar (rank 0 only)."""
+PLAIN_EVERY_S = 30.0
+"""Seconds between plain progress lines when stdout is not a terminal (a cluster job's log, nohup, a pipe)."""
 
-    def __init__(self, folder: Path, env: DistEnv, total: int, start: int, monitor=None) -> None:
-        self.env = env
+
+def progress_line(name: str, step: int, total: int, info: str, elapsed_s: float, steps_done: int) -> str:
+    """One plain progress line: stage, step/total, the logged terms, and the ETA at the rate seen so far."""
+    eta = ""
+    if steps_done > 0 and step < total:
+        left = (total - step) * elapsed_s / steps_done
+        eta = f" ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+    return f"{name}: step {step}/{total} {info}{eta}".rstrip()
+
+
+class RunLog:
+    """Writes what the loop logs: metrics.jsonl lines, monitor scalars and progress (rank 0 only).
+
+    Progress is a rich bar on a terminal. Anywhere else (a batch job's output file, ``nohup``, a pipe) a bar is only
+    drawn at the end, so a plain line (:func:`progress_line`) is printed instead, at most every ``every_s`` seconds
+    and at the last step, whenever the loop logs its losses.
+    """
+
+    def __init__(self, folder: Path, env: DistEnv, total: int, start: int, monitor=None, *,
+                 every_s: float = PLAIN_EVERY_S, stream: TextIO | None = None) -> None:
+        self.env, self.name, self.total = env, folder.name, total
         self.path = folder / "metrics.jsonl"
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
+        self.stream = stream if stream is not None else sys.stdout
+        self.plain = env.is_main and not self.stream.isatty()
+        self.every_s, self._start, self._t0, self._printed = every_s, start, time.monotonic(), float("-inf")
         self.progress = None
-        if env.is_main:
+        if env.is_main and not self.plain:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -58,8 +82,15 @@ class RunLog:
             self.monitor.write_events(list(scalar_events(prefix, body, step)))
 
     def advance(self, step: int, info: str | None = None) -> None:
+        """The loop reached ``step``; ``info`` (the logged terms) comes with every losses line."""
         if self.progress is not None:
             self.progress.update(self.task, completed=step, **({"info": info} if info is not None else {}))
+        elif self.plain and info is not None:
+            now = time.monotonic()
+            if now - self._printed >= self.every_s or step == self.total:
+                self._printed = now
+                line = progress_line(self.name, step, self.total, info, now - self._t0, step - self._start)
+                print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from distseg.errors import UserError
 from distseg.config import ConfigError, from_dict
 from distseg.lazy import lazy_entry
 
@@ -29,7 +30,7 @@ DEFAULT_ARCHITECTURE = "deeplabv3plus"
 """What a model config without an ``architecture`` key is (every stage folder written before the registry)."""
 
 
-class InputSizeError(ValueError):
+class InputSizeError(UserError, ValueError):
     """A model cannot take an input of this spatial size (e.g. a UNet whose sides must divide by its stride)."""
 
 

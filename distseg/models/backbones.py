@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distseg.errors import UserError
 from distseg.lazy import unknown_name
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def get_spec(name: str) -> BackboneSpec:
         raise KeyError(unknown_name(sorted(BACKBONES), name, "backbone")) from None
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """ImageNet weights could not be fetched from the timm hub (local files raise ``WeightsError``)."""
 
 

@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distseg.errors import UserError
+
 StateDict = Mapping[str, torch.Tensor]
 _CONTAINER_KEYS = ("state_dict", "model", "module")
 _FULL_MODEL_PREFIX = "backbone.body."
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file cannot be read or does not fit the model."""
 
 

@@ -243,7 +243,7 @@ def launcher_args(recipe: Recipe) -> list[str]:
 
 def launch_command(recipe: Recipe, kind: str, args: list[str]) -> tuple[list[str], str]:
     """(argv to run, the same command as printed): ``-m distseg.stages KIND`` under deepspeed, torchrun or python."""
-    module = [STAGE_MODULE, "evaluate" if kind == EVAL else kind]
+    module = [STAGE_MODULE, kind]
     own = launcher_args(recipe)
     if recipe.launcher == "deepspeed":
         exe = Path(sys.executable).with_name("deepspeed")

@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from distseg.errors import UserError
 from distseg.config import ConfigError, from_dict, read_mapping
 from distseg.data.options import ShardOptions
 from distseg.models import ModelConfig
-from distseg.stages.registry import kind_names
+from distseg.stages.registry import EVAL, kind_names
 
-EVAL = "eval"
 """The one stage kind of a recipe that is not a training kind: test-split metrics of its parent."""
 Launcher = Literal["deepspeed", "torchrun", "python"]
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe is malformed or inconsistent; raised before anything runs. The message names file and stage."""
 
 
@@ -147,7 +147,8 @@ class StageSpec:
     name: str
     """Unique name; also the stage's folder under the run folder."""
     kind: str
-    """A registered training kind (``python -m distseg.stages --help`` lists them) or ``eval`` (test metrics)."""
+    """A registered kind (``python -m distseg.stages --help`` lists them): a training kind, or ``eval`` (test
+    metrics: one row of the results table)."""
     data: str = ""
     """Dataset name: the stage's labelled data (or, for eval, the data evaluated on)."""
     parent: str | None = None
@@ -169,8 +170,8 @@ class StageSpec:
 
     def __post_init__(self) -> None:
         self.unlabeled = [self.unlabeled] if isinstance(self.unlabeled, str) else list(self.unlabeled)
-        if self.kind not in kind_names() + [EVAL]:
-            raise ValueError(f"stage {self.name!r}: unknown kind {self.kind!r}; use one of {kind_names() + [EVAL]}")
+        if self.kind not in kind_names():
+            raise ValueError(f"stage {self.name!r}: unknown kind {self.kind!r}; use one of {kind_names()}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise ValueError(f"stage name {self.name!r} must be letters, digits, '_', '-' or '.'")
         if self.parent and self.weights:

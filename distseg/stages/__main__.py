@@ -1,4 +1,4 @@
-"""``python -m distseg.stages KIND [options]``: run any registered stage kind, or ``evaluate``, without a script.
+"""``python -m distseg.stages KIND [options]``: run any registered stage kind (``eval`` too) without a script.
 
 Also ``deepspeed --module distseg.stages KIND ...`` and ``torchrun -m distseg.stages KIND ...``. The deepspeed
 launcher puts ``--local_rank=N`` before the kind; it is passed on to the stage's own options.
@@ -14,14 +14,13 @@ def usage() -> str:
 
     lines = ["usage: python -m distseg.stages KIND [OPTIONS]   (KIND --help for its options)", "", "kinds:"]
     lines += [f"  {k.name:<14} {k.summary}" for k in all_kinds()]
-    lines += [f"  {'evaluate':<14} metrics of a stage folder or weights file on a split (eval.json)"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Dispatch to the kind named by the first positional argument."""
     from distseg.lazy import unknown_name
-    from distseg.stages.registry import kind_names
+    from distseg.stages.registry import get_kind, kind_names
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rank_args = [a for a in argv if a.startswith("--local_rank") or a.startswith("--local-rank")]
@@ -30,17 +29,12 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         raise SystemExit(0 if rest else 2)
     kind, args = rest[0], rest[1:] + rank_args
-    if kind == "evaluate":
-        from distseg.stages.evaluate import app
-
-        app(args=args, prog_name="distseg.stages evaluate")
-    elif kind in kind_names():
-        from distseg.stages.launcher import main as run_kind
-
-        run_kind(kind, args)
-    else:
-        print(f"error: {unknown_name(kind_names() + ['evaluate'], kind, 'stage kind')}", file=sys.stderr)
+    if kind not in kind_names():
+        print(f"error: {unknown_name(kind_names(), kind, 'stage kind')}", file=sys.stderr)
         raise SystemExit(2)
+    from distseg.stages.launcher import main as run_kind
+
+    run_kind(kind, args)
 
 
 if __name__ == "__main__":

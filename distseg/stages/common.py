@@ -8,13 +8,14 @@ from typing import Any
 
 from torch import nn
 
+from distseg.errors import UserError
 from distseg.data.classes import ClassMap
 from distseg.engine import checkpoint as ckpt
 from distseg.models import ModelConfig, build_model, model_config_from_dict
 from distseg.models.weights import load_weights
 
 
-class StageError(ValueError):
+class StageError(UserError, ValueError):
     """A stage cannot start: its inputs disagree or are missing. Raised before the run folder is touched."""
 
 
@@ -101,11 +102,3 @@ def deeplab_parent(parent: Parent) -> None:
     if not isinstance(parent.model_cfg, ModelConfig):
         raise StageError(f"{parent.folder or parent.weights}: the parent is a {parent.model_cfg.architecture} model; "
                          f"this stage trains DeepLabV3+ models (head, distill, ssl and finetune start from one)")
-
-
-def frozen(model: nn.Module) -> nn.Module:
-    """A teacher: no gradients, eval mode (BN uses running statistics, dropout off)."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model

@@ -21,9 +21,11 @@ class OptimConfig:
     momentum: float = 0.9
     """SGD momentum (AdamW uses its default betas)."""
     weight_decay: float = 1e-3
+    """L2 penalty (SGD) or decoupled weight decay (AdamW)."""
     schedule: Literal["poly", "constant"] = "poly"
     """'poly': lr·(1 − t/T)^power after warm-up; 'constant': lr after warm-up."""
     poly_power: float = 0.9
+    """Exponent of the poly learning-rate decay lr·(1 − step/steps)^power after the warm-up."""
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many optimizer steps."""
 
@@ -45,8 +47,11 @@ class TrainConfig:
     ckpt_every: int = 0
     """DeepSpeed checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
+    """Complete checkpoints kept in ``checkpoint/`` (older ones are pruned)."""
     seed: int = 0
+    """Training seed: initial weights, data order and augmentation (a recipe's ``seeds`` set it per chain)."""
     eval_batch_size: int = 4
+    """Tiles per rank per validation batch."""
     fisher_batches: int = 16
     """Batches of this stage's training data used for the diagonal Fisher saved at the end (0: skip)."""
     max_skipped_steps: int = 20
@@ -69,16 +74,20 @@ class DataConfig:
     shards: str = ""
     """Shard folder written by ``distseg shard-data`` (holds manifest.json)."""
     train_split: str = "train"
+    """The labelled split trained on."""
     val_split: str = "val"
+    """The split validated on (every ``train.eval_every`` steps; skipped when the folder has none)."""
     unlabeled: tuple[str, ...] = ()
     """Shard folders of the unlabelled pool, read together as one pool. Empty: the ``shards`` folder's own
     unlabelled split. A kind that reads no labels pools ``shards`` with these folders."""
     unlabeled_split: str = "unlabeled"
+    """The split of each pool folder that forms the unlabelled pool."""
     unlabeled_fraction: float = 1.0
     """Deterministic subset of the unlabelled pool (the study's 0.1 / 0.5 / 1.0)."""
     unlabeled_ratio: int = 1
     """Unlabelled micro-batch = this × the labelled micro-batch (kinds that also read labels)."""
     stream: StreamConfig = field(default_factory=StreamConfig)
+    """Loading and augmentation: workers, crop, scale range, strong views, CutMix."""
 
     def __post_init__(self) -> None:
         self.unlabeled = tuple(self.unlabeled)
@@ -128,6 +137,8 @@ class StageConfig:
         from distseg.stages.registry import get_kind
 
         kind = get_kind(self.kind)
+        if not kind.trains:
+            raise ValueError(f"{self.kind!r} is not a training kind (it has its own command line)")
         if kind.parent == "required" and not self.parent:
             raise ValueError(f"a {self.kind} stage needs a parent stage (--parent)")
         if kind.parent == "none" and self.parent:

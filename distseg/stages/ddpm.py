@@ -3,34 +3,28 @@
 Per micro-step: the pool's crops (resized to ``denoiser.image_size`` when the loader's crop differs) are mapped to
 [-1, 1], noised at uniformly drawn steps t by the schedule's ``DDPMScheduler``, and the UNet (diffusers'
 ``UNet2DModel``, inside the DeepSpeed engine) predicts the noise; the loss is the mean squared error. An EMA of the
-weights (:class:`distseg.ops.ema.EMA`, as the ssl kind's teacher) is what the stage exports and samples from.
+weights (declared on the stage state, as the ssl kind's teacher) is what the stage exports and samples from.
 
 The stage folder holds ``model.safetensors`` (the EMA weights, or the trained ones without EMA),
-``student.safetensors`` (the trained weights), ``stage.json`` whose ``config.model`` is the denoiser's config (UNet
+``student.safetensors`` (the trained weights, when an EMA is exported), ``stage.json`` whose ``config.model`` is the denoiser's config (UNet
 and noise schedule, architecture ``ddpm_unet``), and ``samples.png``: a grid drawn from the exported weights so a user
 can see whether the model learned the domain.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from distseg.data.batch import Batches
-from distseg.engine import checkpoint as ckpt
+from distseg.engine.state import EMAOptions
 from distseg.models.denoiser import DenoiserConfig, build_denoiser, from_unet_range, to_unet_range
-from distseg.models.weights import save_weights
-from distseg.ops.ema import EMA
-from distseg.stages.common import frozen
 from distseg.stages.registry import StageKind
 from distseg.stages.task import Student, Task
 
-STUDENT_WEIGHTS = "student.safetensors"
 SAMPLES = "samples.png"
 _RANK_SEED_STRIDE = 1_000_003
 """Offset of each rank's noise stream (so ranks draw different noise and steps for their different images)."""
@@ -42,10 +36,8 @@ class DDPMOptions:
 
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     """UNet levels and widths, layers per level, attention, image size and noise schedule (timesteps, betas)."""
-    ema_alpha: float | None = 0.999
-    """EMA decay of the exported weights (None: export the trained weights as they are)."""
-    ema_warmup_steps: int = 1000
-    """EMA warm-up: decay min(α, (1+n)/(10+n)) for the first this many updates (0: α from the start)."""
+    ema: EMAOptions | None = field(default_factory=lambda: EMAOptions(alpha=0.999, warmup_steps=1000))
+    """The exported weights: an EMA of the trained ones (alpha, warmup_steps); null exports the trained weights."""
     samples: int = 16
     """Images in ``samples.png`` (0: no grid)."""
     sample_steps: int = 50
@@ -54,10 +46,8 @@ class DDPMOptions:
     """Seed of the samples' starting noise."""
 
     def __post_init__(self) -> None:
-        if self.ema_alpha is not None and not 0 < self.ema_alpha < 1:
-            raise ValueError(f"ema_alpha must be in (0, 1) or null, got {self.ema_alpha}")
-        if self.ema_warmup_steps < 0 or self.samples < 0:
-            raise ValueError("ema_warmup_steps and samples must be >= 0")
+        if self.samples < 0:
+            raise ValueError(f"samples must be >= 0, got {self.samples}")
         if not 1 <= self.sample_steps <= self.denoiser.schedule.timesteps:
             raise ValueError(f"sample_steps must be in [1, {self.denoiser.schedule.timesteps}], got "
                              f"{self.sample_steps}")
@@ -70,14 +60,12 @@ class DDPMTask(Task):
         cfg = self.options.denoiser
         unet = build_denoiser(cfg)
         self.scheduler = cfg.schedule.scheduler()
-        self.ema_model = frozen(copy.deepcopy(unet)).to(self.env.device) if self.options.ema_alpha else None
+        if self.options.ema is not None:
+            self.state.ema("ema", unet, self.options.ema, deploy=True)
         return Student(unet, list(unet.parameters()), cfg)
 
     def bind(self, engine, autocast=None) -> None:
         super().bind(engine, autocast)
-        opts = self.options
-        self.ema = EMA(self.ema_model, self.student, alpha=opts.ema_alpha, warmup_steps=opts.ema_warmup_steps) \
-            if self.ema_model is not None else None
         # The weights are identical on every rank by now; from here each rank draws its own noise and steps.
         torch.manual_seed(self.cfg.train.seed + _RANK_SEED_STRIDE * self.env.rank)
 
@@ -98,38 +86,11 @@ class DDPMTask(Task):
         mse = F.mse_loss(predicted.float(), noise)
         return {"loss": mse, "mse": mse.detach()}
 
-    def after_step(self, applied: bool) -> None:
-        if self.ema is not None:
-            self.ema.update(applied)
-
-    @property
-    def exported(self) -> torch.nn.Module:
-        """The weights a ddpm_head stage extracts features with: the EMA when there is one."""
-        return self.ema_model if self.ema_model is not None else self.student
-
-    def replicas(self) -> dict[str, torch.nn.Module]:
-        return {"student": self.student, **({"ema": self.ema_model} if self.ema_model is not None else {})}
-
-    def export(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_weights(self.exported, folder / ckpt.WEIGHTS, {"kind": "ddpm-ema" if self.ema_model else "ddpm"})
-        save_weights(self.student, folder / STUDENT_WEIGHTS, {"kind": "ddpm-student"})
-
-    def save_extra(self, folder: Path) -> None:
-        if self.ema is not None:
-            save_weights(self.ema_model, folder / ckpt.TEACHER_WEIGHTS, {"kind": "ddpm-ema"})
-            torch.save(self.ema.state_dict(), folder / "ema_state.pt")
-
-    def load_extra(self, folder: Path) -> None:
-        if self.ema is not None:
-            self.ema_model.load_state_dict(load_file(str(folder / ckpt.TEACHER_WEIGHTS), device=str(self.env.device)))
-            self.ema.load_state_dict(torch.load(folder / "ema_state.pt", weights_only=True))
-
     def finish(self, folder: Path) -> None:
         """Rank 0 draws the sample grid from the exported weights."""
         if self.env.is_main and self.options.samples:
-            grid = draw_samples(self.exported, self.scheduler, self.options.denoiser.image_size, self.options.samples,
-                                self.options.sample_steps, self.options.sample_seed, self.env.device)
+            grid = draw_samples(self.state.deployed_module, self.scheduler, self.options.denoiser.image_size,
+                                self.options.samples, self.options.sample_steps, self.options.sample_seed, self.env.device)
             save_grid(grid, folder / SAMPLES)
 
     def record(self) -> dict[str, Any]:

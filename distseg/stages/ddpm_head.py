@@ -19,7 +19,6 @@ import torch
 
 from distseg.data.batch import Batches
 from distseg.data.manifest import read_manifest
-from distseg.losses import supervised_loss
 from distseg.models.architectures import InputSizeError
 from distseg.models.ddpm_head import DDPMSegmenter, DDPMSegmenterConfig
 from distseg.models.denoiser import DenoiserConfig
@@ -87,11 +86,7 @@ class DDPMHeadTask(Task):
         return Student(model, params, cfg)
 
     def step(self, batches: Batches) -> dict[str, torch.Tensor]:
-        batch = labelled(batches)
-        with self.autocast:
-            logits = self.engine(batch.image)
-        sup = supervised_loss(logits.float(), batch.mask, self.cfg.loss)
-        return {"loss": sup, "sup": sup.detach()}
+        return self.supervised(labelled(batches))[1]
 
     def record(self) -> dict[str, Any]:
         """The feature tensor one training crop produces: what a batch costs beyond the UNet's own activations."""

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from distseg.data.batch import Batches
-from distseg.losses import EWC, kd_loss, supervised_loss
-from distseg.stages.common import build_from, frozen, parent_matching
+from distseg.losses import EWC, kd_loss
+from distseg.stages.common import build_from, parent_matching
 from distseg.fisher import load_fisher
 from distseg.stages.registry import StageKind
 from distseg.stages.task import Student, Task, labelled
@@ -19,7 +19,9 @@ class DistillOptions:
     """Stage B: L = L_sup + alpha·L_KD + lambda·L_EWC against a frozen teacher."""
 
     alpha: float = 1.0
+    """Weight α of the KD term (0: no teacher forward, plain supervised training with EWC)."""
     temperature: float = 3.0
+    """KD temperature T: both logits are divided by T and the KL term is scaled by T² (the study uses 3)."""
     ewc_lambda: float = 1.0
     """EWC weight (the study gives none); needs fisher.safetensors in the teacher's folder, else EWC is off."""
     init_from_teacher: bool = False
@@ -35,7 +37,7 @@ class DistillTask(Task):
 
     def build(self) -> Student:
         parent = parent_matching(self.ctx.parent, self.class_map, "teacher")
-        self.teacher = frozen(build_from(parent)).to(self.env.device)
+        self.teacher = self.state.frozen("teacher", build_from(parent))
         if self.options.init_from_teacher:
             student = build_from(parent)
         else:
@@ -62,11 +64,8 @@ class DistillTask(Task):
 
     def step(self, batches: Batches) -> dict[str, torch.Tensor]:
         batch, opts = labelled(batches), self.options
-        with self.autocast:
-            logits = self.engine(batch.image)
-        logits = logits.float()
-        sup = supervised_loss(logits, batch.mask, self.cfg.loss)
-        loss, out = sup, {"sup": sup.detach()}
+        logits, out = self.supervised(batch)
+        loss = out.pop("loss")
         if opts.alpha > 0:  # with alpha = 0 this is plain supervised training: no teacher forward at all
             with torch.no_grad(), self.autocast:
                 teacher_logits = self.teacher(batch.image)

@@ -11,9 +11,10 @@ import typer
 from distseg.data.stream import StreamConfig
 from distseg.engine import checkpoint as ckpt
 from distseg.engine.distributed import init_distributed
-from distseg.engine.metrics import ConfusionMatrix, format_table
+from distseg.engine.metrics import ConfusionMatrix, evaluate_model, format_table
 from distseg.stages.common import StageError
-from distseg.stages.trainer import data_class_map, evaluate_model, make_loader
+from distseg.stages.data import data_class_map, make_loader
+from distseg.stages.registry import EVAL, StageKind
 
 
 @torch.no_grad()
@@ -98,3 +99,7 @@ def main(
     with reported():
         run(model, data, split=split, sliding=sliding, tile=tile, overlap=overlap, batch_size=batch_size, out=out,
             model_config=model_config, classes=classes, local_rank=local_rank, device=device)
+
+
+KIND = StageKind(EVAL, None, parent="required", script="evaluate.py", command=app,
+                 summary="metrics of a stage folder or weights file on a split (eval.json)")

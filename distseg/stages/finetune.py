@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from distseg.data.batch import Batches
-from distseg.losses import supervised_loss
 from distseg.stages.common import start_model
 from distseg.stages.registry import StageKind
 from distseg.stages.task import Student, Task, labelled
@@ -22,11 +21,7 @@ class FinetuneTask(Task):
         return Student(model, list(model.parameters()), model_cfg)
 
     def step(self, batches: Batches) -> dict[str, torch.Tensor]:
-        batch = labelled(batches)
-        with self.autocast:
-            logits = self.engine(batch.image)
-        sup = supervised_loss(logits.float(), batch.mask, self.cfg.loss)
-        return {"loss": sup, "sup": sup.detach()}
+        return self.supervised(labelled(batches))[1]
 
 
 KIND = StageKind("finetune", FinetuneTask, parent="optional", changes_classes=True, script="finetune.py",

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 
 from distseg.data.batch import Batches
-from distseg.losses import supervised_loss
 from distseg.stages.common import start_model
 from distseg.stages.registry import StageKind
 from distseg.stages.task import Student, Task, labelled
@@ -39,11 +38,7 @@ class HeadTask(Task):
         # Frozen parts stay in eval mode: their BN statistics must not drift while their weights are fixed.
         for module in self._frozen:
             module.eval()
-        batch = labelled(batches)
-        with self.autocast:
-            logits = self.engine(batch.image)
-        sup = supervised_loss(logits.float(), batch.mask, self.cfg.loss)
-        return {"loss": sup, "sup": sup.detach()}
+        return self.supervised(labelled(batches))[1]
 
 
 KIND = StageKind("head", HeadTask, HeadOptions, parent="optional", changes_classes=True,

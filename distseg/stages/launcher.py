@@ -80,5 +80,9 @@ def make_app(kind: str) -> typer.Typer:
 
 
 def main(kind: str, argv: list[str] | None = None, prog: str | None = None) -> None:
-    """Entry point of ``launch/<script>.py`` and of ``python -m distseg.stages KIND``."""
-    make_app(kind)(args=argv if argv is not None else sys.argv[1:], prog_name=prog or f"distseg.stages {kind}")
+    """Entry point of ``launch/<script>.py`` and of ``python -m distseg.stages KIND``: the kind's own command, or
+    the training-stage command line."""
+    from distseg.stages.registry import get_kind
+
+    app = get_kind(kind).command or make_app(kind)
+    app(args=argv if argv is not None else sys.argv[1:], prog_name=prog or f"distseg.stages {kind}")

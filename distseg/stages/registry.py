@@ -9,7 +9,7 @@ Kind modules import torch; :func:`kind_names` does not import them, so command-l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from distseg.lazy import lazy_entry
 
@@ -24,8 +24,13 @@ MODULES: dict[str, str] = {
     "mim": "distseg.stages.mim",
     "ddpm": "distseg.stages.ddpm",
     "ddpm_head": "distseg.stages.ddpm_head",
+    "eval": "distseg.stages.evaluate",
 }
 """Kind name -> the module whose ``KIND`` describes it (the registration)."""
+
+EVAL = "eval"
+"""The kind that trains nothing and measures its parent on a split: a recipe's results table has one row per
+``eval`` stage."""
 
 ParentNeed = Literal["required", "optional", "none"]
 
@@ -36,8 +41,9 @@ class StageKind:
 
     name: str
     """The kind's name in recipes, stage.json and ``python -m distseg.stages NAME``."""
-    task: type[Task]
-    """The task class: builds the kind's models and computes its loss dict from the batches it is given."""
+    task: type[Task] | None
+    """The task class: builds the kind's models and computes its loss dict from the batches it is given (None: the
+    kind trains nothing and has its own ``command``)."""
     options: type | None = None
     """Dataclass of the kind's own options; configs spell it as a section named after the kind (``ssl: {...}``)."""
     parent: ParentNeed = "required"
@@ -57,10 +63,20 @@ class StageKind:
     """``launch/<script>`` for ``deepspeed launch/<script> ...``; every kind also runs as a module."""
     summary: str = ""
     """One line for help texts and docs."""
+    command: Any = None
+    """The kind's own command line (a Typer app) when it trains nothing; None: the stage command line every training
+    kind shares (:mod:`distseg.stages.launcher`)."""
 
     def __post_init__(self) -> None:
         if not (self.labelled or self.unlabelled):
             raise ValueError(f"stage kind {self.name!r} reads no data: set labelled and/or unlabelled")
+        if (self.task is None) == (self.command is None):
+            raise ValueError(f"stage kind {self.name!r}: give a task (a training kind) or a command, not both")
+
+    @property
+    def trains(self) -> bool:
+        """Whether the kind is a training stage (run by the trainer), rather than a command like ``eval``."""
+        return self.task is not None
 
     def check(self, cfg) -> None:
         """Reject a config this kind cannot run, before anything is built (the trainer and the recipe planner both
@@ -68,6 +84,8 @@ class StageKind:
         task's own checks."""
         from distseg.stages.common import StageError, require_start_model
 
+        if not self.trains:
+            raise StageError(f"the {self.name} kind trains nothing; run it as `python -m distseg.stages {self.name}`")
         if self.parent == "optional" and not self.random_start:
             require_start_model(cfg)
         try:

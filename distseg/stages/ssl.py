@@ -16,33 +16,24 @@ the clean labelled images with statistics shared with the strong views. Measurem
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from distseg.data.augment import apply_cutmix
 from distseg.data.batch import Batch, Batches
-from distseg.engine import checkpoint as ckpt
-from distseg.engine.distributed import sync_bn_buffers
-from distseg.losses import consistency_loss, supervised_loss
-from distseg.models.weights import save_weights
-from distseg.ops.ema import EMA
+from distseg.engine.state import EMAOptions
+from distseg.losses import consistency_loss
 from distseg.ops.pseudo import PseudoLabels, pseudo_label, tta_probs
 from distseg.ops.thresholds import ClassThresholds
-from distseg.stages.common import build_from, frozen, parent_matching
+from distseg.stages.common import build_from, parent_matching
 from distseg.stages.registry import StageKind
 from distseg.stages.task import Student, Task, labelled
-
-STUDENT_WEIGHTS = "student.safetensors"
-CLASS_TAU_STATE = "class_tau.pt"
 
 
 @dataclass
@@ -50,6 +41,8 @@ class SSLOptions:
     """Stage C: mean teacher with filtered pseudo-labels (the pool itself is ``data.unlabeled``)."""
 
     tau: float = 0.95
+    """Confidence threshold: a pixel's pseudo-label reaches the loss only when the teacher's TTA probability of its
+    class is at least this."""
     adaptive_tau: bool = False
     """Per-class thresholds τ·σ_c/max σ from the teacher's running confidence per class (ops/thresholds.py), so
     the classes it is less sure of still reach the loss; False keeps one τ for all."""
@@ -62,17 +55,22 @@ class SSLOptions:
     rampup_steps: int = 0
     """Sigmoid ramp-up of lambda_u over this many steps (0: constant)."""
     consistency: Literal["ce", "kl"] = "ce"
-    ema_alpha: float = 0.999
-    ema_warmup: bool = False
+    """Consistency loss on kept pixels: cross-entropy against the hard pseudo-labels, or KL to the teacher's soft
+    probabilities."""
+    ema: EMAOptions = field(default_factory=EMAOptions)
+    """The teacher: an EMA of the student after every applied optimizer step (alpha, warmup_steps)."""
     tta: tuple[str, ...] = ("identity", "hflip", "vflip", "bright+", "bright-")
+    """The teacher's test-time augmentations, averaged into its probabilities (identity, hflip, vflip, bright+,
+    bright-); each view costs one teacher forward."""
     brightness: float = 0.1
+    """Brightness offset of the bright+/bright- views."""
     feature_dropout: float = 0.0
     """UniMatch's feature perturbation: the student also predicts the weak view with this channel dropout on its
     encoder features, against the same pseudo-labels; the two consistency terms are then averaged (0: off)."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.tau <= 1 or not 0 < self.ema_alpha < 1:
-            raise ValueError("tau must be in [0, 1] and ema_alpha in (0, 1)")
+        if not 0 <= self.tau <= 1:
+            raise ValueError(f"tau must be in [0, 1], got {self.tau}")
         if not 0 <= self.feature_dropout < 1:
             raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
         if self.lambda_u < 0:
@@ -105,11 +103,13 @@ def rampup(step: int, length: int) -> float:
 
 
 @contextlib.contextmanager
-def running_stats_frozen(layers: list[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
-    """BatchNorm layers still normalise with batch statistics but leave their running statistics unchanged.
+def running_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """``model``'s BatchNorm layers still normalise with batch statistics but leave their running statistics
+    unchanged.
 
     Momentum 0 makes the running-average update an identity, without touching the autograd path.
     """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in layers]
     for m in layers:
         m.momentum = 0.0
@@ -126,38 +126,29 @@ class SSLTask(Task):
     def build(self) -> Student:
         parent = parent_matching(self.ctx.parent, self.class_map, "start model")
         student = build_from(parent)
-        self.teacher = frozen(copy.deepcopy(student)).to(self.env.device)
+        self.teacher = self.state.ema("teacher", student, self.options.ema, deploy=True)
+        self.thresholds = self.state.stateful("class_tau", ClassThresholds(
+            self.class_map.num_classes, self.options.tau, device=self.env.device)) if self.options.adaptive_tau \
+            else None
         return Student(student, list(student.parameters()), dataclasses.replace(parent.model_cfg, pretrained=None))
-
-    def bind(self, engine, autocast=None) -> None:
-        super().bind(engine, autocast)
-        self.ema = EMA(self.teacher, self.student, alpha=self.options.ema_alpha,
-                       warmup_steps=1000 if self.options.ema_warmup else 0, skip_nonfinite=True)
-        self.bn_layers = [m for m in self.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self.thresholds = ClassThresholds(self.class_map.num_classes, self.options.tau, device=self.env.device) \
-            if self.options.adaptive_tau else None
 
     def streams(self) -> tuple[str, ...]:
         """The λ_u = 0 control trains on labels alone, so it neither reads nor pseudo-labels the pool."""
         return super().streams() if self.options.lambda_u > 0 else ("labelled",)
 
     def step(self, batches: Batches) -> dict[str, torch.Tensor]:
-        opts, batch = self.options, labelled(batches)
+        opts = self.options
         if batches.unlabelled is None:
-            with self.autocast:
-                logits_l = self.engine(batch.image).float()
-            sup = supervised_loss(logits_l, batch.mask, self.cfg.loss)
-            return {"loss": sup, "sup": sup.detach()}
+            return self.supervised(labelled(batches))[1]
         t = self.pseudo_targets(batches.unlabelled)
-        with self.autocast:
-            logits_l = self.engine(batch.image).float()
-            with running_stats_frozen(self.bn_layers):
-                logits_u = self.engine(t.strong).float()
-        sup = supervised_loss(logits_l, batch.mask, self.cfg.loss)
+        _, out = self.supervised(labelled(batches))
+        sup = out["loss"]
+        with self.autocast, running_stats_frozen(self.student):
+            logits_u = self.engine(t.strong).float()
         cons = consistency_loss(logits_u, t.labels, t.keep, kind=opts.consistency, teacher_probs=t.soft)
-        out = {"cons": cons.detach()}
+        out["cons"] = cons.detach()
         if opts.feature_dropout > 0:
-            with self.autocast, running_stats_frozen(self.bn_layers):
+            with self.autocast, running_stats_frozen(self.student):
                 logits_fp = self.engine(batches.unlabelled.image, feature_dropout=opts.feature_dropout).float()
             soft = t.probs if opts.consistency == "kl" else None
             cons_fp = consistency_loss(logits_fp, t.pseudo.labels, t.pseudo.keep, kind=opts.consistency,
@@ -167,7 +158,7 @@ class SSLTask(Task):
         pl = t.pseudo
         if self.thresholds is not None:
             out["class_tau"] = self.thresholds.thresholds()
-        return {"loss": sup + weight * cons, "sup": sup.detach(), **out,
+        return {**out, "loss": sup + weight * cons,
                 "kept_fraction": pl.kept_fraction.mean(), "confidence": pl.mean_confidence.mean(),
                 "entropy": pl.mean_entropy.mean(), "class_hist": pl.class_hist.float()}
 
@@ -190,43 +181,6 @@ class SSLTask(Task):
             labels, keep = apply_cutmix(labels, box, index), apply_cutmix(keep, box, index)
             soft = apply_cutmix(soft, box, index) if soft is not None else None
         return Targets(unl.image_strong, labels, keep, soft, pl, probs)
-
-    def after_step(self, applied: bool) -> None:
-        self.ema.update(applied)
-
-    def sync(self) -> None:
-        super().sync()
-        sync_bn_buffers(self.teacher)
-
-    def replicas(self) -> dict[str, nn.Module]:
-        return {"student": self.student, "teacher": self.teacher}
-
-    def evaluate(self, loader) -> dict[str, Any]:
-        from distseg.stages.trainer import evaluate_model
-
-        teacher = evaluate_model(self.teacher, loader, self.class_map, self.env, self.autocast)
-        student = evaluate_model(self.student, loader, self.class_map, self.env, self.autocast)
-        self.teacher.eval()
-        return {"score": teacher["miou"] or 0.0, "teacher": teacher, "student": student}
-
-    def export(self, folder: Path) -> None:
-        """``model.safetensors`` is the teacher (the model to deploy); the student is kept beside it."""
-        folder.mkdir(parents=True, exist_ok=True)
-        save_weights(self.teacher, folder / ckpt.WEIGHTS, {"kind": "ssl-teacher"})
-        save_weights(self.student, folder / STUDENT_WEIGHTS, {"kind": "ssl-student"})
-
-    def save_extra(self, folder: Path) -> None:
-        save_weights(self.teacher, folder / ckpt.TEACHER_WEIGHTS, {"kind": "ema-teacher"})
-        torch.save(self.ema.state_dict(), folder / "ema_state.pt")
-        if self.thresholds is not None:
-            torch.save(self.thresholds.state_dict(), folder / CLASS_TAU_STATE)
-
-    def load_extra(self, folder: Path) -> None:
-        state = load_file(str(folder / ckpt.TEACHER_WEIGHTS), device=str(self.env.device))
-        self.teacher.load_state_dict(state)
-        self.ema.load_state_dict(ckpt.safe_load(folder / "ema_state.pt"))
-        if self.thresholds is not None:
-            self.thresholds.load_state_dict(ckpt.safe_load(folder / CLASS_TAU_STATE))
 
 
 KIND = StageKind("ssl", SSLTask, SSLOptions, unlabelled=True, unlabelled_views=("weak", "strong"), script="ssl.py",

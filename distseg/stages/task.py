@@ -23,9 +23,10 @@ from torch import nn
 
 from distseg.data.batch import Batch, Batches
 from distseg.data.classes import ClassMap
-from distseg.engine import checkpoint as ckpt
-from distseg.engine.distributed import DistEnv, sync_bn_buffers
-from distseg.models.weights import save_weights
+from distseg.engine.distributed import DistEnv
+from distseg.engine.metrics import evaluate_model
+from distseg.engine.state import StageState
+from distseg.losses import supervised_loss
 from distseg.stages.common import Parent
 
 
@@ -55,12 +56,15 @@ class Student(NamedTuple):
 
 
 class Task:
-    """Base class of a stage kind's task. Subclasses implement :meth:`build` and :meth:`step`."""
+    """Base class of a stage kind's task. Subclasses implement :meth:`build` and :meth:`step`; what they hold beside
+    the trained module (EMA copies, frozen teachers, stateful objects) they declare on ``self.state``, which the
+    loop syncs, checks, saves, resumes and exports (:mod:`distseg.engine.state`)."""
 
     def __init__(self, ctx: StageContext) -> None:
         self.ctx, self.cfg, self.env = ctx, ctx.cfg, ctx.env
         self.options = ctx.cfg.options
         self.class_map = ctx.class_map
+        self.state = StageState(ctx.kind.name, ctx.env.device)
         self.engine: Any = None
         self.autocast: Any = contextlib.nullcontext()
 
@@ -71,16 +75,18 @@ class Task:
 
     # -- models --------------------------------------------------------------------------------------------------
     def build(self) -> Student:
-        """Build the student (and any teacher, kept on ``self``); called once, before the engine exists."""
+        """Build the student and declare any other state on ``self.state``; called once, before the engine exists."""
         raise NotImplementedError
 
     def bind(self, engine: Any, autocast: Any = None) -> None:
-        """Receive the engine wrapping the student (a plain module in unit tests) and the teachers' autocast.
+        """Receive the engine wrapping the student (a plain module in unit tests) and the autocast context.
 
-        Work that needs the student on its device (an EMA over its tensors, an EWC anchor) happens here.
+        The declared state pairs its EMA copies with the student here; a kind that needs the student on its device
+        for more (an EWC anchor) extends this.
         """
         self.engine = engine
         self.autocast = autocast if autocast is not None else contextlib.nullcontext()
+        self.state.bind(self.student)
 
     @property
     def student(self) -> nn.Module:
@@ -97,38 +103,30 @@ class Task:
         """One micro-step's losses: ``'loss'`` is optimised, every other entry is logged (tensors, no host sync)."""
         raise NotImplementedError
 
-    def after_step(self, applied: bool) -> None:
-        """Once per optimizer step, with whether it was applied (fp16 overflow and non-finite steps are not)."""
+    def supervised(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The student's fp32 logits on a labelled batch (forward under autocast) and the loss dict of L_sup: the
+        supervised step every labelled kind takes, alone or as the first term of its own loss."""
+        with self.autocast:
+            logits = self.engine(batch.image)
+        logits = logits.float()
+        sup = supervised_loss(logits, batch.mask, self.cfg.loss)
+        return logits, {"loss": sup, "sup": sup.detach()}
 
-    # -- evaluation, export and state ----------------------------------------------------------------------------
+    # -- evaluation ----------------------------------------------------------------------------------------------
     def evaluate(self, loader) -> dict[str, Any] | None:
-        """Validate the student on ``loader``; ``'score'`` (higher is better) picks the best model. None: no
-        validation (kinds without labels), so the last model is exported."""
-        from distseg.stages.trainer import evaluate_model
-
+        """Validate every replica on ``loader`` (by role); the deployed one's mIoU is ``'score'``, which picks the
+        best model. None without a loader (kinds that read no labels), so the last model is exported."""
         if loader is None:
             return None
-        result = evaluate_model(self.student, loader, self.class_map, self.env, self.autocast)
-        return {"score": result["miou"] if result["miou"] is not None else 0.0, "student": result}
-
-    def sync(self) -> None:
-        """Collective: make BN buffers of every saved model identical across ranks (before evaluating or saving)."""
-        sync_bn_buffers(self.student)
-
-    def replicas(self) -> dict[str, nn.Module]:
-        """The modules every rank holds a copy of, by name (checked for divergence at the end)."""
-        return {"student": self.student}
+        results = {role: evaluate_model(module, loader, self.class_map, self.env, self.autocast)
+                   for role, module in self.state.evaluated().items()}
+        deployed = results[self.state.deployed]["miou"]
+        return {"score": deployed if deployed is not None else 0.0, **results}
 
     def export(self, folder: Path) -> None:
-        """Write what a later stage or ``predict`` uses (rank 0 only; no collectives)."""
-        folder.mkdir(parents=True, exist_ok=True)
-        save_weights(self.student, folder / ckpt.WEIGHTS, {"kind": self.cfg.kind})
-
-    def save_extra(self, folder: Path) -> None:
-        """State DeepSpeed does not own (an EMA teacher), saved into a checkpoint tag folder (rank 0)."""
-
-    def load_extra(self, folder: Path) -> None:
-        """Restore what :meth:`save_extra` wrote (every rank)."""
+        """Write what a later stage or ``predict`` uses (rank 0 only; no collectives): the declared state's
+        weights under their fixed names. A kind that exports something else (an encoder alone) overrides this."""
+        self.state.export(folder)
 
     def finish(self, folder: Path) -> None:
         """Work done once at the very end, after the best weights are in place (rank 0 and others alike)."""

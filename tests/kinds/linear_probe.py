@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from distseg.data.batch import Batches
-from distseg.losses import supervised_loss
 from distseg.stages.common import start_model
 from distseg.stages.registry import StageKind
 from distseg.stages.task import Student, Task, labelled
@@ -30,11 +29,7 @@ class LinearProbeTask(Task):
     def step(self, batches: Batches) -> dict[str, torch.Tensor]:
         for module in self._frozen:  # frozen BN keeps its statistics
             module.eval()
-        batch = labelled(batches)
-        with self.autocast:
-            logits = self.engine(batch.image)
-        sup = supervised_loss(logits.float(), batch.mask, self.cfg.loss)
-        return {"loss": sup, "sup": sup.detach()}
+        return self.supervised(labelled(batches))[1]
 
 
 KIND = StageKind("linear_probe", LinearProbeTask, parent="required", changes_classes=True,

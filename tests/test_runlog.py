@@ -1,0 +1,44 @@
+"""Progress a cluster log shows: plain lines when stdout is not a terminal."""
+import io
+
+import torch
+
+from distseg.engine.distributed import DistEnv
+from distseg.engine.runlog import RunLog, progress_line
+
+CPU = DistEnv(0, 0, 1, torch.device("cpu"))
+
+
+def test_progress_line_names_the_stage_the_step_the_terms_and_the_eta():
+    assert progress_line("ft", 25, 100, "loss=0.5000 1.0 img/s", 50.0, 25) == \
+        "ft: step 25/100 loss=0.5000 1.0 img/s ETA 0:02:30"
+    assert progress_line("ft", 10, 100, "loss=1", 7200.0, 5) == "ft: step 10/100 loss=1 ETA 36:00:00"
+    assert progress_line("ft", 100, 100, "loss=0.1", 80.0, 100) == "ft: step 100/100 loss=0.1"
+
+
+def test_a_log_file_gets_a_plain_line_at_each_losses_line_and_at_the_end(tmp_path):
+    stream = io.StringIO()  # not a terminal, like a batch job's output file
+    log = RunLog(tmp_path, CPU, total=10, start=0, every_s=0.0, stream=stream)
+    for step in range(1, 11):
+        log.advance(step, "loss=1.0000" if step % 5 == 0 else None)
+    log.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{tmp_path.name}: step 5/10 loss=1.0000 ETA ")
+    assert lines[1] == f"{tmp_path.name}: step 10/10 loss=1.0000"
+
+
+def test_plain_lines_are_throttled_but_the_last_step_is_always_printed(tmp_path):
+    stream = io.StringIO()
+    log = RunLog(tmp_path, CPU, total=30, start=10, every_s=3600.0, stream=stream)
+    for step in range(11, 31):
+        log.advance(step, f"loss={step}")
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" loss")[0] for line in lines] == [f"{tmp_path.name}: step 11/30",
+                                                         f"{tmp_path.name}: step 30/30"]
+
+
+def test_other_ranks_print_nothing(tmp_path):
+    stream = io.StringIO()
+    log = RunLog(tmp_path, DistEnv(1, 1, 2, torch.device("cpu")), total=4, start=0, every_s=0.0, stream=stream)
+    log.advance(4, "loss=1")
+    assert stream.getvalue() == ""
