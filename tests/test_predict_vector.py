@@ -18,7 +18,6 @@ fiona = pytest.importorskip("fiona")
 pytest.importorskip("scipy")
 from rasterio.crs import CRS  # noqa: E402
 from rasterio.features import rasterize  # noqa: E402
-from rasterio.transform import from_origin  # noqa: E402
 from shapely.geometry import Polygon, box, shape  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 

@@ -125,7 +125,7 @@ class ObjectsConfig:
             raise PredictError(f"--truth {self.truth}: no such folder")
         found = {}
         for path in inputs:
-            match = [self.truth / f"{path.stem}{s}" for s in MASK_SUFFIXES if (self.truth / f"{path.stem}{s}").is_file()]
+            match = [m for m in (self.truth / f"{path.stem}{s}" for s in MASK_SUFFIXES) if m.is_file()]
             if not match:
                 raise PredictError(f"{path}: no ground-truth mask {path.stem}.png/.tif in {self.truth}")
             found[path] = match[0]
