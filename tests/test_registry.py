@@ -176,3 +176,37 @@ def test_a_new_kind_is_one_file_and_one_registration_line(tmp_path, target_shard
     start, probe = load_file(init_weights), load_file(out / "model.safetensors")
     changed = {k for k in probe if k in start and not torch.equal(start[k], probe[k])}
     assert changed and all(k.startswith("classifier.") for k in changed), sorted(changed)  # only the classifier
+
+
+def test_a_kind_with_an_ema_copy_is_one_file_and_one_registration_line(tmp_path, target_shards, init_weights):
+    """tests/kinds/ema_finetune.py declares its EMA copy once; the stage state checkpoints it, counts its updates,
+    validates it beside the student, checks it across ranks and exports it as the deployed model."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import REPO, stage_env, tiny_stage_config
+    from distseg.engine.checkpoint import safe_load
+
+    register = (f"import sys; sys.path.insert(0, {str(REPO / 'tests' / 'kinds')!r}); "
+                "from distseg.stages import registry; registry.MODULES['ema_finetune'] = 'ema_finetune'; "
+                "from distseg.stages.__main__ import main; main()")
+    out = tmp_path / "ema"
+    config = tiny_stage_config(tmp_path, steps=4, ckpt_every=2, eval_every=2)
+    run = subprocess.run([sys.executable, "-c", register, "ema_finetune", "--config", str(config),
+                          "--data", str(target_shards), "--parent", str(init_weights), "--out", str(out)],
+                         capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((out / "stage.json").read_text())
+    assert record["finished"] and set(record["rank_divergence"]) == {"student", "ema"}
+    assert set(record["metrics"]) >= {"score", "ema", "student"}
+    assert record["metrics"]["score"] == (record["metrics"]["ema"]["miou"] or 0.0)
+    tag = out / "checkpoint" / "step00000004"
+    assert (tag / "ema.safetensors").is_file()
+    assert int(safe_load(tag / "task_state.pt")["ema"]["ema"]["num_updates"]) == 4
+    deployed, student = load_file(out / "last" / "model.safetensors"), load_file(out / "last" / "student.safetensors")
+    saved = load_file(tag / "ema.safetensors")
+    assert all(torch.equal(deployed[k], saved[k]) for k in saved)  # the export is the EMA copy...
+    assert any(not torch.equal(deployed[k], student[k]) for k in student if deployed[k].is_floating_point())  # not the student
