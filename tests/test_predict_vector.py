@@ -379,3 +379,20 @@ def test_simplify_tolerance_in_map_units_is_the_same_as_in_pixels(tmp_path):
     exact, simple = layers["exact"]["geometry"], layers["px"]["geometry"]
     assert len(simple.exterior.coords) < len(exact.exterior.coords) / 3
     assert simple.symmetric_difference(exact).area < 0.1 * exact.area
+
+
+def test_polygonizer_holds_only_the_regions_on_open_seams():
+    """400 buildings streamed in 20-row bands and 100-column chunks: at most the buildings along one band row and
+    one chunk column are held at a time, and each building comes out once, whole."""
+    labels = np.zeros((200, 200), dtype=np.uint8)
+    for r in range(0, 200, 10):
+        for c in range(0, 200, 10):
+            labels[r + 5:r + 12 if r + 12 <= 200 else 200, c + 5:c + 12 if c + 12 <= 200 else 200] = 1
+    polygonizer, regions, held = Polygonizer(200, 200, [1]), [], []
+    for x in (0, 100):
+        for y in range(0, 200, 20):
+            regions += polygonizer.add(y, x, labels[y:y + 20, x:x + 100], np.ones((20, 100), np.float32))
+            held.append(len(polygonizer.groups))
+    assert list(polygonizer.finish()) == [] and not polygonizer.groups and not polygonizer.parent
+    assert len(regions) == 400 and sorted({r.pixels for r in regions}) == [25, 35, 49]
+    assert max(held) <= 10 + 20  # one band row of buildings (10 per chunk) + one chunk column (20)
