@@ -265,3 +265,18 @@ def test_cli_end_to_end_with_a_real_weights_file(tmp_path):
         assert Image.open(tmp_path / "out" / f"a_{kind}.png").size == (110, 70)
     result = CliRunner().invoke(app, args[:5] + ["--out", str(tmp_path / "out2"), "--device", "cpu"])
     assert result.exit_code == 2 and "--model" in result.output
+
+
+def test_web_mercator_pixel_area_is_scaled_to_the_ground():
+    """EPSG:3857 map units are metres only at the equator: at 60° N a 1×1 map-unit pixel covers 0.25 m²."""
+    import math
+
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    from distseg.inference.raster import WEB_MERCATOR_RADIUS, GeoInfo
+
+    y60 = WEB_MERCATOR_RADIUS * math.log(math.tan(math.pi / 4 + math.radians(60) / 2))
+    assert GeoInfo(CRS.from_epsg(3857), from_origin(1000.0, y60, 1.0, 1.0)).pixel_area_m2 == pytest.approx(0.25)
+    assert GeoInfo(CRS.from_epsg(3857), from_origin(0.0, 0.0, 2.0, 2.0)).pixel_area_m2 == pytest.approx(4.0)
+    assert GeoInfo(CRS.from_epsg(32633), from_origin(0.0, y60, 1.0, 1.0)).pixel_area_m2 == pytest.approx(1.0)

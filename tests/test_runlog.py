@@ -42,3 +42,23 @@ def test_other_ranks_print_nothing(tmp_path):
     log = RunLog(tmp_path, DistEnv(1, 1, 2, torch.device("cpu")), total=4, start=0, every_s=0.0, stream=stream)
     log.advance(4, "loss=1")
     assert stream.getvalue() == ""
+
+
+def test_distseg_run_prints_plain_stage_lines_into_a_log_file():
+    """``distseg run`` off a terminal: one line per stage event, the running stage throttled, markup stripped."""
+    from rich.console import Console
+
+    from distseg.pipeline.runner import PlainProgress
+
+    out = io.StringIO()
+    progress = PlainProgress(Console(file=out, width=200), every_s=3600.0)
+    with progress:
+        a = progress.add_task("ft.s0 (finetune)", total=100, info="start")
+        progress.update(a, completed=10, info="loss 0.900")   # the first poll is printed
+        progress.update(a, completed=11, info="loss 0.890")   # throttled
+        progress.update(a, completed=100, info="done in 50 s (49 CPU s)")
+        b = progress.add_task("ssl.s0 (ssl)", total=50, info="start")
+        progress.update(b, info="[red]failed (exit 1)")
+    assert out.getvalue().splitlines() == ["ft.s0 (finetune): step 10/100 loss 0.900",
+                                           "ft.s0 (finetune): step 100/100 done in 50 s (49 CPU s)",
+                                           "ssl.s0 (ssl): step 0/50 failed (exit 1)"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -16,6 +17,8 @@ import numpy as np
 from distseg.inference.errors import PredictError
 from distseg.limits import MAX_PIXELS, check_pixels, pil_cap_off
 
+WEB_MERCATOR_RADIUS = 6378137.0
+"""The sphere radius of EPSG:3857, in metres."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 RASTER_SUFFIXES = (".tif", ".tiff")
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES + RASTER_SUFFIXES
@@ -32,11 +35,20 @@ class GeoInfo:
 
     @property
     def pixel_area_m2(self) -> float | None:
-        """Ground area of one pixel in m², or None when the CRS is missing or not in linear units."""
+        """Ground area of one pixel in m², or None when the CRS is missing or not in linear units.
+
+        Web Mercator (EPSG:3857, what web-map tiles and ``--georef-from-name`` use) stretches lengths by 1/cos(φ), so
+        its map area is scaled back by cos²(φ) at the raster's top-left corner: exact for a chip, and across a large
+        mosaic off by the change of cos² over its latitude span.
+        """
         if self.crs is None or not self.crs.is_projected:
             return None
         _, metres_per_unit = self.crs.linear_units_factor
-        return abs(self.transform.a * self.transform.e - self.transform.b * self.transform.d) * metres_per_unit ** 2
+        area = abs(self.transform.a * self.transform.e - self.transform.b * self.transform.d) * metres_per_unit ** 2
+        if self.crs.to_epsg() == 3857:
+            latitude = 2 * math.atan(math.exp(self.transform.f / WEB_MERCATOR_RADIUS)) - math.pi / 2
+            area *= math.cos(latitude) ** 2
+        return area
 
 
 class Reader(Protocol):

@@ -1,10 +1,12 @@
 """``distseg run``: build datasets, run the stages in order, then write the results table and figure."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from distseg.config import to_dict
+from distseg.engine.runlog import PLAIN_EVERY_S, progress_line
 from distseg.pipeline.launch import LOG_NAME, decide, log_tail, run_process, write_stage_config
 from distseg.pipeline.plan import Plan, build_plan
 from distseg.pipeline.recipe import RecipeError, load_recipe, locate_recipe
@@ -80,6 +82,41 @@ def print_plan(plan: Plan, console) -> None:
         console.print(f"{stage.display} {flags}".rstrip() + note, markup=False, highlight=False, soft_wrap=True)
 
 
+class PlainProgress:
+    """The stages' progress where a bar cannot be drawn (a batch job's output file, ``nohup``, a pipe), with the
+    calls ``run_stages`` makes on a rich ``Progress``: a plain line (:func:`~distseg.engine.runlog.progress_line`)
+    for every change of a stage's state, and the running stage's step at most every ``every_s`` seconds."""
+
+    def __init__(self, console, every_s: float = PLAIN_EVERY_S) -> None:
+        self.console, self.every_s = console, every_s
+        self.tasks: list[dict[str, Any]] = []
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: int, info: str = "") -> int:
+        self.tasks.append({"name": description, "total": total, "completed": 0, "info": info,
+                           "start": time.monotonic(), "printed": float("-inf"), "first": None})
+        return len(self.tasks) - 1
+
+    def update(self, task: int, completed: int | None = None, info: str | None = None) -> None:
+        t, now = self.tasks[task], time.monotonic()
+        new_state = info is not None and info != t["info"] and completed in (None, t["completed"])
+        if completed is not None:
+            if t["first"] is None and completed > 0:
+                t["first"] = (now, completed)
+            t["completed"] = completed
+        t["info"] = info if info is not None else t["info"]
+        if new_state or t["completed"] >= t["total"] or now - t["printed"] >= self.every_s:
+            t["printed"] = now
+            elapsed, done = (now - t["first"][0], t["completed"] - t["first"][1]) if t["first"] else (0.0, 0)
+            text = progress_line(t["name"], t["completed"], t["total"], t["info"], elapsed, done)
+            self.console.print(text, markup=True, highlight=False, soft_wrap=True)
+
+
 def run_stages(plan: Plan, console) -> None:
     """Run every stage that needs it, in order; raise StageFailed (with the log tail) at the first failure."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -90,7 +127,8 @@ def run_stages(plan: Plan, console) -> None:
                TextColumn("{task.fields[info]}"))
     leader = plan.recipe.launch.leader
     node = "" if leader else f".node{plan.recipe.launch.node_rank}"
-    with Progress(*columns, console=console, transient=False) as progress:
+    live = Progress(*columns, console=console, transient=False) if console.is_terminal else PlainProgress(console)
+    with live as progress:
         for stage in plan.stages:
             decision = decide(stage, stage.spec.parent in rerun)
             steps = stage.config.train.steps if stage.config is not None else 1
