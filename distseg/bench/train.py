@@ -15,7 +15,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -44,7 +44,7 @@ def workspace(cfg: BenchConfig, env) -> Iterator[Workspace]:
     """
     from distseg.engine.distributed import barrier, broadcast_object
     from distseg.stages.registry import get_kind
-    from distseg.stages.trainer import data_class_map
+    from distseg.stages.data import data_class_map
 
     token = broadcast_object(secrets.token_hex(6) if env.is_main else None)
     folder = Path(tempfile.gettempdir()) / f"distseg-bench-{token}"
@@ -76,14 +76,20 @@ def use_channels_last_inputs(trainer) -> None:
             channels_last_inputs(model)
 
 
-def time_steps(trainer, cfg: BenchConfig, env, progress=None) -> dict[str, Any]:
-    """Warm up (first step under the FLOP counter), then time ``cfg.steps`` steps; this rank's raw figures."""
-    trainer.streams = {name: TimedStream(s) for name, s in trainer.streams.items()}
-    streams = list(trainer.streams.values())
+def stage_step(trainer, env) -> tuple[Callable[[], Any], list[TimedStream]]:
+    """The stage's whole training step as a callable (the loop's own ``train_step`` on the trainer's task, engine and
+    streams), and those streams, wrapped to time the waits on the loader."""
+    trainer.data.streams = {name: TimedStream(s) for name, s in trainer.data.streams.items()}
 
     def step():
-        return train_step(trainer.task, trainer.engine, trainer.streams, env.device, guard=trainer.guard)
+        return train_step(trainer.task, trainer.engine, trainer.data.streams, env.device, guard=trainer.guard)
 
+    return step, list(trainer.data.streams.values())
+
+
+def time_steps(trainer, cfg: BenchConfig, env, progress=None) -> dict[str, Any]:
+    """Warm up (first step under the FLOP counter), then time ``cfg.steps`` steps; this rank's raw figures."""
+    step, streams = stage_step(trainer, env)
     reset_peak_memory(env.device)
     with grad_checkpointing_off(trainer.engine.module):
         flops = count_step_flops(step)
@@ -156,7 +162,7 @@ def measure(cfg: BenchConfig, ws: Workspace, env, micro_batch: int, progress=Non
         use_channels_last_inputs(trainer)
     raw = time_steps(trainer, cfg, env, progress)
     mode, ds_resolved = precision(trainer.ds_cfg), trainer.ds_cfg
-    reads_pool = "unlabelled" in trainer.streams and "labelled" in trainer.streams
+    reads_pool = "unlabelled" in trainer.data.streams and "labelled" in trainer.data.streams
     del trainer
     ranks = _gather(raw)
     if not env.is_main:
