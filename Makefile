@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo install clean bench
+.PHONY: test demo install clean bench gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do DS_ACCELERATOR=cpu $(BIN)/python $$b || exit 1; done
+
+# Wheels that benchmarks/gpu_check.sh installs on a GPU machine without network (docs/gpu_check.md).
+gpu-wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu_wheels.py build .whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info
