@@ -137,6 +137,11 @@ class StageState:
         """The modules every rank holds a copy of and updates: the trained one and the EMA copies."""
         return {TRAINED: self.trained, **{name: module for name, (module, _) in self._ema.items()}}
 
+    def beside_engine(self) -> list[nn.Module]:
+        """The modules outside the engine (EMA copies and frozen ones): they run on the student's activation
+        layout and autocast too."""
+        return [module for module, _ in self._ema.values()] + list(self._frozen.values())
+
     def evaluated(self) -> dict[str, nn.Module]:
         """The modules validation reports, the deployed one first (its score selects the best checkpoint)."""
         replicas = self.replicas()

@@ -19,8 +19,13 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Dispatch to the kind named by the first positional argument."""
+    import os
+
+    from distseg.resources import configure_threads
+
+    configure_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # before torch is imported: OpenMP reads it once
     from distseg.lazy import unknown_name
-    from distseg.stages.registry import get_kind, kind_names
+    from distseg.stages.registry import kind_names
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rank_args = [a for a in argv if a.startswith("--local_rank") or a.startswith("--local-rank")]

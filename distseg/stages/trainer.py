@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from distseg.engine import checkpoint as ckpt
-from distseg.engine.deepspeed_engine import attach_monitor, autocast_context, build_engine
+from distseg.engine.deepspeed_engine import attach_monitor, autocast_context, build_engine, use_memory_format
 from distseg.engine.distributed import DistEnv, init_distributed, maybe_convert_sync_bn
 from distseg.engine.finite import StepGuard
 from distseg.engine.loop import Loop, finalize
@@ -57,6 +57,7 @@ class Trainer:
             module, student.params, ds_config=cfg.ds_config, optim=cfg.optim, total_steps=cfg.train.steps, env=env,
             micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, global_batch=cfg.global_batch, guard=self.guard)
         self.guard.keep_buffers(self.engine.module)
+        use_memory_format(self.ds_cfg, self.task.state.beside_engine())
         self.micro = int(self.ds_cfg["train_micro_batch_size_per_gpu"])
         self.task.bind(self.engine, autocast_context(self.ds_cfg, env.device))
         self.data.open(self.task.streams(), env, micro=self.micro, eval_batch=cfg.train.eval_batch_size,
