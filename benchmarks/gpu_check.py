@@ -229,24 +229,25 @@ def _model_config(fields: dict[str, Any], **extra):
 # --- part 1: training throughput
 
 
+TRAIN_MODES = ("eager", "compile")
 TRAIN_FIGURES = ("images_per_s", "unlabeled_images_per_s", "step_time_s", "data_wait_fraction", "peak_memory_gb",
                  "flops_per_step", "tflops_per_gpu", "peak_tflops", "mfu", "precision", "micro_batch", "backbone")
 
 
-def train_configs() -> list[tuple[str, str, str, dict[str, Any]]]:
+def train_configs(sizes: Sizes, modes: tuple[str, ...] = TRAIN_MODES) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(item name, stage kind, mode, model fields): eager runs first, compiled ones after (compiling is what may
     run out of time, and an eager figure of every step is worth more than a second compiled one)."""
     out = []
-    models = list(SIZES.train_models.items())
-    runs = [("eager", models), ("compile", [m for m in reversed(models) if m[0] in SIZES.train_compiled])]
-    for mode, chosen in runs:
+    models = list(sizes.train_models.items())
+    runs = [("eager", models), ("compile", [m for m in reversed(models) if m[0] in sizes.train_compiled])]
+    for mode, chosen in (r for r in runs if r[0] in modes):
         for label, fields in chosen:
             for stage, step in (("ssl", "ssl"), ("finetune", "supervised")):
                 out.append((f"{label}.{step}.{mode}", stage, mode, fields))
     return out
 
 
-def part_train(rec: Recorder, out_dir: Path, work: Path) -> None:
+def part_train(rec: Recorder, out_dir: Path, work: Path, modes: tuple[str, ...]) -> None:
     """Part 1: each configuration through ``distseg.bench.train.run_train`` on shards generated once."""
     from distseg.bench import fixtures
     from distseg.bench.config import BenchConfig
@@ -277,14 +278,14 @@ def part_train(rec: Recorder, out_dir: Path, work: Path) -> None:
         return {"status": "ok", "stage": stage, "compile": mode == "compile",
                 **{k: record.get(k) for k in TRAIN_FIGURES}}
 
-    for name, stage, mode, fields in train_configs():
+    for name, stage, mode, fields in train_configs(SIZES, modes):
         rec.item(name, functools.partial(one, stage, mode, fields))
 
 
 # --- part 2: inference
 
 
-def part_infer(rec: Recorder, out_dir: Path, work: Path) -> None:
+def part_infer(rec: Recorder, out_dir: Path, work: Path, modes: tuple[str, ...]) -> None:
     """Part 2: ``bench infer`` of W48 + PSA, channels-last, bf16 and fp32, at each batch size."""
     from distseg.bench.infer import InferOptions, run_infer
 
@@ -555,7 +556,7 @@ def check_thresholds() -> dict[str, Any]:
             "fused_ms": fused_s * 1e3, "naive_ms": naive_s * 1e3, "speedup": naive_s / fused_s}
 
 
-def part_exact(rec: Recorder, out_dir: Path, work: Path) -> None:
+def part_exact(rec: Recorder, out_dir: Path, work: Path, modes: tuple[str, ...]) -> None:
     """Part 3: kill-and-resume exactness of a ZeRO-1 bf16 SSL stage, then the three fused ops."""
     rec.item("resume", lambda: check_resume(work))
     rec.item("ema", check_ema)
@@ -728,7 +729,7 @@ def check_pytest(work: Path) -> dict[str, Any]:
             "summary": (proc.stdout.strip().splitlines() or [""])[-1], "stderr_tail": proc.stderr[-1000:]}
 
 
-def part_cuda_paths(rec: Recorder, out_dir: Path, work: Path) -> None:
+def part_cuda_paths(rec: Recorder, out_dir: Path, work: Path, modes: tuple[str, ...]) -> None:
     """Part 4: fp16 loss scaling, SyncBatchNorm, and the CUDA-marked tests."""
     rec.item("fp16_loss_scaling", check_fp16_engine)
     rec.item("fp16_stage", lambda: check_fp16_stage(work))
@@ -739,7 +740,7 @@ def part_cuda_paths(rec: Recorder, out_dir: Path, work: Path) -> None:
 PART_FUNCTIONS = {"train": part_train, "infer": part_infer, "exact": part_exact, "cuda_paths": part_cuda_paths}
 
 
-def run_worker(part: str, out_dir: Path, work: Path) -> None:
+def run_worker(part: str, out_dir: Path, work: Path, modes: tuple[str, ...] = TRAIN_MODES) -> None:
     """One part in this process: device and versions first, then its items."""
     from distseg.bench.records import device_info, versions
 
@@ -749,7 +750,7 @@ def run_worker(part: str, out_dir: Path, work: Path) -> None:
     rec.save()
     part_dir = work / part
     part_dir.mkdir(exist_ok=True)
-    PART_FUNCTIONS[part](rec, out_dir, part_dir)
+    PART_FUNCTIONS[part](rec, out_dir, part_dir, modes)
 
 
 # ------------------------------------------------------------------------------------------ orchestrator side
@@ -780,11 +781,39 @@ def _tail(path: Path, chars: int = 2500) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
-def run_part(part: str, timeout: float, out_dir: Path, work: Path, dry_run: bool) -> dict[str, Any]:
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc (stage runs start sessions of their own, out of its group)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and everything below it (collected first, so nothing is re-parented away unseen)."""
+    for p in [*descendants(pid), pid]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_part(part: str, timeout: float, out_dir: Path, work: Path, dry_run: bool,
+             modes: tuple[str, ...] = TRAIN_MODES) -> dict[str, Any]:
     """Run one part in its own process group under ``timeout`` seconds; its record, whatever happened."""
     log = work / f"{part}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", part, "--work", str(work), "--out",
-           str(out_dir)] + (["--dry-run"] if dry_run else [])
+           str(out_dir), "--train-modes", ",".join(modes)] + (["--dry-run"] if dry_run else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     if dry_run:
@@ -795,7 +824,7 @@ def run_part(part: str, timeout: float, out_dir: Path, work: Path, dry_run: bool
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.wait()
             code = None
     seconds = round(time.perf_counter() - start, 1)
@@ -918,7 +947,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     budget = args.budget or SIZES.budget_s
     limit = plan_limits(parts, budget, SIZES.caps_s)
     start = time.perf_counter()
-    report: dict[str, Any] = {"dry_run": args.dry_run, "budget_s": budget, "weights": RANDOM_WEIGHTS,
+    report: dict[str, Any] = {"dry_run": args.dry_run, "budget_s": budget, "train_modes": list(args.train_modes),
+                              "weights": RANDOM_WEIGHTS,
                               "sizes": dataclasses.asdict(SIZES), "requirements": requirement_report(), "parts": {}}
     try:
         for part in parts:
@@ -928,7 +958,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                 report["parts"][part] = {"status": "not run", "why": "no time left in the budget", "seconds": 0,
                                          "limit_s": round(seconds, 1), "items": {}}
                 continue
-            report["parts"][part] = run_part(part, seconds, out_dir, work, args.dry_run)
+            report["parts"][part] = run_part(part, seconds, out_dir, work, args.dry_run, args.train_modes)
             print(f"[gpu_check] part {part}: {report['parts'][part]['status']}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -955,6 +985,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "a dry run: a new temporary folder).")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"Comma-separated subset of {','.join(PARTS)}.")
     parser.add_argument("--budget", type=float, help="Seconds for the whole check (default 460; dry run 900).")
+    parser.add_argument("--train-modes", default=",".join(TRAIN_MODES),
+                        help="Part train: eager, compile or both (a second try can time the compiled runs alone).")
     parser.add_argument("--worker", choices=PARTS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -962,6 +994,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown or not args.parts:
         parser.error(f"--parts: unknown part(s) {unknown}; choose from {','.join(PARTS)}")
+    args.train_modes = tuple(m.strip() for m in args.train_modes.split(",") if m.strip())
+    if not args.train_modes or set(args.train_modes) - set(TRAIN_MODES):
+        parser.error(f"--train-modes: choose from {','.join(TRAIN_MODES)}")
     return args
 
 
@@ -973,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     SIZES = DRY if args.dry_run else FULL
     if args.worker:
-        run_worker(args.worker, Path(args.out), Path(args.work))
+        run_worker(args.worker, Path(args.out), Path(args.work), args.train_modes)
         return 0
     return orchestrate(args)
 
