@@ -312,7 +312,10 @@ def part_infer(rec: Recorder, out_dir: Path, work: Path, modes: tuple[str, ...])
 
 
 STAGE_PRELUDE = (
-    "import sys, torch\n"
+    "import os, sys\n"
+    "from distseg.resources import configure_threads\n"
+    "configure_threads(int(os.environ.get('LOCAL_WORLD_SIZE', '1')))\n"  # before torch, as the module entry does
+    "import torch\n"
     "torch.backends.cudnn.benchmark = False\n"
     "torch.backends.cudnn.deterministic = True\n"
     "torch.use_deterministic_algorithms(True, warn_only=True)\n"
