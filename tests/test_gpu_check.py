@@ -23,7 +23,7 @@ import importlib.abc, sys
 class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {BLOCKED!r}:
-            raise ImportError(f"{{name}} is blocked: the GPU image does not have it")
+            raise ModuleNotFoundError(f"{{name}} is blocked: the GPU image does not have it", name=name)
         return None
 sys.meta_path.insert(0, _Block())
 """
