@@ -38,15 +38,18 @@ for path in configs:
                                env=env, guard=guard)
     micro = cfg["train_micro_batch_size_per_gpu"]
 
+    class State:  # what the loop calls after each optimizer step (an EMA would follow the student here)
+        def after_step(self, applied):
+            self.applied = applied
+
     class Task:
         poison = False
+        state = State()
         def step(self, batches):
             x = torch.rand(micro, 3, 8, 8)
             loss = engine(x).float().square().mean()
             # only rank 1 sees a NaN loss on the poisoned step: every rank must skip it together
             return {"loss": loss * float("nan") if self.poison and env.rank == env.world_size - 1 else loss}
-        def after_step(self, applied):
-            self.applied = applied
     task, record = Task(), []
     for step in range(4):
         task.poison = step == 2
@@ -56,7 +59,7 @@ for path in configs:
         same = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         finite = all(bool(p.isfinite().all()) for p in model.parameters())
         record.append({"applied": result.applied, "unchanged": same, "finite": finite, "lr_before": lr,
-                       "lr_after": engine.get_lr()[0], "hook": task.applied,
+                       "lr_after": engine.get_lr()[0], "hook": task.state.applied,
                        "sum": float(sum(p.double().sum() for p in model.parameters()))})
     out[os.path.basename(path)] = record
 # one file per rank: two ranks printing to one pipe can interleave a long line

@@ -117,3 +117,16 @@ def decode_image(data: bytes) -> np.ndarray:
 def decode_mask(data: bytes) -> np.ndarray:
     """PNG index-mask bytes -> uint8 H×W."""
     return np.asarray(open_mask(data))
+
+
+def write_grid_png(images, path: Path) -> None:
+    """Write images (a N×3×H×W torch tensor in [0, 1]) as one PNG grid, about square, with a 2-pixel white gutter,
+    through a temporary file so a reader never sees half a picture."""
+    from torchvision.utils import make_grid
+
+    columns = max(1, round(len(images) ** 0.5))
+    grid = make_grid(images, nrow=columns, padding=2, pad_value=1.0)
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(array).save(tmp)
+    tmp.replace(path)

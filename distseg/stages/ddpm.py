@@ -6,9 +6,9 @@ Per micro-step: the pool's crops (resized to ``denoiser.image_size`` when the lo
 weights (declared on the stage state, as the ssl kind's teacher) is what the stage exports and samples from.
 
 The stage folder holds ``model.safetensors`` (the EMA weights, or the trained ones without EMA),
-``student.safetensors`` (the trained weights, when an EMA is exported), ``stage.json`` whose ``config.model`` is the denoiser's config (UNet
-and noise schedule, architecture ``ddpm_unet``), and ``samples.png``: a grid drawn from the exported weights so a user
-can see whether the model learned the domain.
+``student.safetensors`` (the trained weights, when an EMA is exported), ``stage.json`` whose ``config.model`` is the
+denoiser's config (UNet and noise schedule, architecture ``ddpm_unet``), and ``samples.png``: a grid drawn from the
+exported weights so a user can see whether the model learned the domain.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from distseg.data.batch import Batches
+from distseg.data.imageio import write_grid_png
 from distseg.engine.state import EMAOptions
-from distseg.models.denoiser import DenoiserConfig, build_denoiser, from_unet_range, to_unet_range
+from distseg.models.denoiser import DenoiserConfig, build_denoiser, draw_samples, to_unet_range
 from distseg.stages.registry import StageKind
 from distseg.stages.task import Student, Task
 
@@ -91,44 +92,10 @@ class DDPMTask(Task):
         if self.env.is_main and self.options.samples:
             grid = draw_samples(self.state.deployed_module, self.scheduler, self.options.denoiser.image_size,
                                 self.options.samples, self.options.sample_steps, self.options.sample_seed, self.env.device)
-            save_grid(grid, folder / SAMPLES)
+            write_grid_png(grid, folder / SAMPLES)
 
     def record(self) -> dict[str, Any]:
         return {"samples": SAMPLES if self.options.samples else None}
-
-
-@torch.no_grad()
-def draw_samples(unet: torch.nn.Module, scheduler, size: int, count: int, steps: int, seed: int,
-                 device: torch.device) -> torch.Tensor:
-    """``count`` images in [0, 1] (count×3×size×size) denoised from seeded noise by DDIM (η = 0) over ``steps``
-    steps of the training schedule: deterministic, and far fewer steps than ancestral DDPM sampling needs."""
-    from diffusers import DDIMScheduler
-    from rich.progress import track
-
-    sampler = DDIMScheduler.from_config(scheduler.config)
-    sampler.set_timesteps(steps)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(count, 3, size, size, generator=generator).to(device)
-    was_training = unet.training
-    unet.eval()
-    for t in track(sampler.timesteps, description=f"sampling {count} images", transient=True):
-        eps = unet(x, t.to(device).expand(count), return_dict=False)[0]
-        x = sampler.step(eps, t, x).prev_sample
-    unet.train(was_training)
-    return from_unet_range(x).cpu()
-
-
-def save_grid(images: torch.Tensor, path: Path) -> None:
-    """Write images (N×3×H×W in [0, 1]) as one PNG grid, about square, with a 2-pixel white gutter."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    columns = max(1, round(len(images) ** 0.5))
-    grid = make_grid(images, nrow=columns, padding=2, pad_value=1.0)
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(path)
 
 
 KIND = StageKind("ddpm", DDPMTask, DDPMOptions, parent="none", labelled=False, unlabelled=True, script="ddpm.py",
