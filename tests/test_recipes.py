@@ -8,6 +8,12 @@ import pytest
 from typer.testing import CliRunner
 
 from distseg.cli import app
+from distseg.data.splitting import (
+    labeled_subset,
+    parse_ratio,
+    strip_extent,
+    strip_splits,
+)
 from distseg.pipeline import build_plan, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -176,8 +182,6 @@ def test_oam_transfer_pools_the_target_imagery_and_tests_on_the_target(tmp_path)
 
 def test_oam_transfer_splits_the_real_data_as_documented(tmp_path):
     """The protocol's counts, planned from the file names alone (no image is read)."""
-    from distseg.data.splitting import labeled_subset, parse_ratio, strip_extent, strip_splits
-
     if not (SHARED / "oam_buildings").is_dir() or not (SHARED / "dubai_aerial").is_dir():
         pytest.skip(f"real data not available under {SHARED}")
     recipe = next(p for p in RECIPES if p.stem == "oam_transfer")
