@@ -114,22 +114,29 @@ def consistency_loss(
     kind: Literal["ce", "kl"] = "ce",
     teacher_probs: Tensor | None = None,
     T: float = 1.0,
+    pixel_weights: Tensor | None = None,
 ) -> Tensor:
     """Mean-teacher unlabelled loss over the kept pixels (0 with a graph when none is kept).
 
     ``"ce"``: cross-entropy of the student against the hard pseudo-labels. ``"kl"``: T²·KL from
     the teacher's probabilities (sharpened as p^(1/T), renormalised) to softmax(student/T).
+    ``pixel_weights`` (B×H×W) scales each pixel's term before the mean over kept pixels (the class-balance guard
+    rail's per-class weights, :mod:`distseg.ops.balance`).
     """
     _check_logits_target(student_logits, pseudo_labels)
     if kind == "ce":
-        return _masked_mean(_pixel_nll(student_logits, pseudo_labels, keep_mask), keep_mask)
-    if kind != "kl":
+        per_pixel = _pixel_nll(student_logits, pseudo_labels, keep_mask)
+    elif kind == "kl":
+        if teacher_probs is None or teacher_probs.shape != student_logits.shape:
+            raise ValueError("kind='kl' needs teacher_probs of the student logits' shape")
+        log_t = F.log_softmax(teacher_probs.detach().float().clamp_min(1e-12).log() / T, dim=1)
+        log_s = F.log_softmax(student_logits.float() / T, dim=1)
+        per_pixel = _kl_per_pixel(log_t, log_s) * (T * T)
+    else:
         raise ValueError(f"consistency kind must be 'ce' or 'kl', got {kind!r}")
-    if teacher_probs is None or teacher_probs.shape != student_logits.shape:
-        raise ValueError("kind='kl' needs teacher_probs of the student logits' shape")
-    log_t = F.log_softmax(teacher_probs.detach().float().clamp_min(1e-12).log() / T, dim=1)
-    log_s = F.log_softmax(student_logits.float() / T, dim=1)
-    return _masked_mean(_kl_per_pixel(log_t, log_s) * (T * T), keep_mask)
+    if pixel_weights is not None:
+        per_pixel = per_pixel * pixel_weights.detach()
+    return _masked_mean(per_pixel, keep_mask)
 
 
 # --------------------------------------------------------------------------------------- EWC

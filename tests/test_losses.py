@@ -126,6 +126,20 @@ def test_consistency_ce_and_kl_on_kept_pixels():
         consistency_loss(s, pseudo, keep, kind="kl")
 
 
+def test_consistency_pixel_weights_scale_each_kept_pixel_before_the_mean():
+    s, labels = _logits_target(seed=7, ignore_frac=0.0)
+    g = torch.Generator().manual_seed(8)
+    keep = torch.rand(labels.shape, generator=g) < 0.6
+    pseudo = torch.where(keep, labels, torch.full_like(labels, 255))
+    weights = torch.rand(labels.shape, generator=g) * 3
+    ce = F.cross_entropy(s, pseudo, reduction="none", ignore_index=255)
+    expected = (ce * weights * keep).sum() / keep.sum()
+    got = consistency_loss(s, pseudo, keep, pixel_weights=weights)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert consistency_loss(s, pseudo, keep, pixel_weights=torch.ones_like(weights)).item() == \
+        pytest.approx(consistency_loss(s, pseudo, keep).item(), rel=1e-6)
+
+
 def test_consistency_nothing_kept_is_zero_with_grad():
     s, labels = _logits_target()
     loss = consistency_loss(s, torch.full_like(labels, 255), torch.zeros_like(labels, dtype=torch.bool))

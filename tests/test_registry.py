@@ -210,3 +210,36 @@ def test_a_kind_with_an_ema_copy_is_one_file_and_one_registration_line(tmp_path,
     saved = load_file(tag / "ema.safetensors")
     assert all(torch.equal(deployed[k], saved[k]) for k in saved)  # the export is the EMA copy...
     assert any(not torch.equal(deployed[k], student[k]) for k in student if deployed[k].is_floating_point())  # not the student
+
+
+def test_the_class_balance_guard_rail_reaches_the_loss_dict_and_the_checkpoint(tmp_path):
+    """With ssl.balance_bound the pseudo-labels' class share is tracked against the labelled share (from the
+    manifest the trainer opened), logged, damps λ_u once a class drifts, and is carried by the stage state."""
+    from types import SimpleNamespace
+
+    from distseg.models import ModelConfig
+
+    torch.manual_seed(0)
+    parent = Parent(model_cfg=ModelConfig(**TINY_MODEL, num_classes=3), weights=None, class_map=None)
+    manifest = {"splits": {"train": {"class_pixels": {"a": 98, "b": 1, "c": 1}}}}
+    tasks = []
+    for _ in range(2):
+        ctx = _ctx("ssl", parent, tau=0.0, balance_bound=2.0, balance_momentum=0.0)
+        ctx.data = SimpleNamespace(manifest=manifest)
+        task = get_kind("ssl").task(ctx)
+        task.bind(task.build().module)
+        tasks.append(task)
+    task, resumed = tasks
+    unl = Batch(key=["u0", "u1"], image=_batch().image, image_strong=_batch().image.flip(-1))
+    losses = task.step(Batches(labelled=_batch(), unlabelled=unl))
+    hist = task.pseudo_targets(unl).pseudo.class_hist.float()
+    share = hist / hist.sum()
+    target = torch.tensor([0.98, 0.01, 0.01])
+    ratio = share.clamp_min(1e-6) / target
+    torch.testing.assert_close(losses["class_share_ratio"], ratio)
+    worst = torch.maximum(ratio, 1 / ratio).max()
+    torch.testing.assert_close(losses["balance_damping"], (2.0 / worst).clamp(max=1.0))
+    assert float(losses["balance_damping"]) < 1.0  # a random tiny model is far from 98 % class a
+    task.state.save(tmp_path)
+    resumed.state.load(tmp_path)
+    assert torch.equal(resumed.balance.share, task.balance.share)

@@ -29,9 +29,10 @@ from distseg.data.augment import apply_cutmix
 from distseg.data.batch import Batch, Batches
 from distseg.engine.state import EMAOptions
 from distseg.losses import consistency_loss
+from distseg.ops.balance import ClassBalance, labelled_share
 from distseg.ops.pseudo import PseudoLabels, pseudo_label, tta_probs
 from distseg.ops.thresholds import ClassThresholds
-from distseg.stages.common import build_from, parent_matching
+from distseg.stages.common import StageError, build_from, parent_matching
 from distseg.stages.registry import StageKind
 from distseg.stages.task import Student, Task, labelled
 
@@ -67,6 +68,13 @@ class SSLOptions:
     feature_dropout: float = 0.0
     """UniMatch's feature perturbation: the student also predicts the weak view with this channel dropout on its
     encoder features, against the same pseudo-labels; the two consistency terms are then averaged (0: off)."""
+    balance_bound: float | None = None
+    """Class-balance guard rail (ops/balance.py), as r > 1: the running share of each class among kept pseudo-label
+    pixels against its share of the labelled pixels is logged as ``class_share_ratio``; each kept pixel's
+    consistency term is weighted by clip(1/ratio, 1/r, r), and λ_u is damped by min(1, r / worst ratio) once a class
+    leaves [1/r, r], so a run drifting toward one class leans on its labels instead (None: off)."""
+    balance_momentum: float = 0.95
+    """EMA momentum per micro-step of the running pseudo-label class share (with ``balance_bound``)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.tau <= 1:
@@ -75,6 +83,10 @@ class SSLOptions:
             raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
         if self.lambda_u < 0:
             raise ValueError("lambda_u must be >= 0")
+        if self.balance_bound is not None and self.balance_bound <= 1:
+            raise ValueError(f"balance_bound must be > 1 or null, got {self.balance_bound}")
+        if not 0 <= self.balance_momentum < 1:
+            raise ValueError(f"balance_momentum must be in [0, 1), got {self.balance_momentum}")
 
 
 class Targets(NamedTuple):
@@ -130,7 +142,17 @@ class SSLTask(Task):
         self.thresholds = self.state.stateful("class_tau", ClassThresholds(
             self.class_map.num_classes, self.options.tau, device=self.env.device)) if self.options.adaptive_tau \
             else None
+        self.balance = self.state.stateful("class_balance", ClassBalance(
+            self.labelled_share(), bound=self.options.balance_bound, momentum=self.options.balance_momentum,
+            device=self.env.device)) if self.options.balance_bound is not None else None
         return Student(student, list(student.parameters()), dataclasses.replace(parent.model_cfg, pretrained=None))
+
+    def labelled_share(self) -> list[float]:
+        """Each class's share of the labelled train pixels (the manifest's counts): the guard rail's reference."""
+        try:
+            return labelled_share(self.ctx.data.manifest, self.class_map.names, self.cfg.data.train_split)
+        except ValueError as exc:
+            raise StageError(f"{self.cfg.data.shards}: ssl.balance_bound needs class pixel counts ({exc})") from None
 
     def streams(self) -> tuple[str, ...]:
         """The λ_u = 0 control trains on labels alone, so it neither reads nor pseudo-labels the pool."""
@@ -141,26 +163,37 @@ class SSLTask(Task):
         if batches.unlabelled is None:
             return self.supervised(labelled(batches))[1]
         t = self.pseudo_targets(batches.unlabelled)
+        if self.balance is not None:
+            self.balance.update(t.pseudo.class_hist)
         _, out = self.supervised(labelled(batches))
         sup = out["loss"]
         with self.autocast, running_stats_frozen(self.student):
             logits_u = self.engine(t.strong).float()
-        cons = consistency_loss(logits_u, t.labels, t.keep, kind=opts.consistency, teacher_probs=t.soft)
+        cons = consistency_loss(logits_u, t.labels, t.keep, kind=opts.consistency, teacher_probs=t.soft,
+                                pixel_weights=self.weights(t.labels, t.keep))
         out["cons"] = cons.detach()
         if opts.feature_dropout > 0:
             with self.autocast, running_stats_frozen(self.student):
                 logits_fp = self.engine(batches.unlabelled.image, feature_dropout=opts.feature_dropout).float()
             soft = t.probs if opts.consistency == "kl" else None
             cons_fp = consistency_loss(logits_fp, t.pseudo.labels, t.pseudo.keep, kind=opts.consistency,
-                                       teacher_probs=soft)
+                                       teacher_probs=soft,
+                                       pixel_weights=self.weights(t.pseudo.labels, t.pseudo.keep))
             cons, out["cons_fp"] = 0.5 * (cons + cons_fp), cons_fp.detach()
         weight = opts.lambda_u * rampup(getattr(self.engine, "global_steps", 0), opts.rampup_steps)
+        if self.balance is not None:
+            weight = weight * self.balance.damping()
+            out["class_share_ratio"], out["balance_damping"] = self.balance.ratio(), self.balance.damping()
         pl = t.pseudo
         if self.thresholds is not None:
             out["class_tau"] = self.thresholds.thresholds()
         return {**out, "loss": sup + weight * cons,
                 "kept_fraction": pl.kept_fraction.mean(), "confidence": pl.mean_confidence.mean(),
                 "entropy": pl.mean_entropy.mean(), "class_hist": pl.class_hist.float()}
+
+    def weights(self, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+        """Per-pixel consistency weights of the class-balance guard rail (None when it is off)."""
+        return self.balance.pixel_weights(labels, keep) if self.balance is not None else None
 
     def pseudo_targets(self, unl: Batch) -> Targets:
         """The strong view and its targets (labels, keep mask, teacher probs for KL) after CutMix, and the teacher's

@@ -43,6 +43,9 @@ class StageContext:
     """The labelled data's classes (None for kinds that read no labels)."""
     parent: Parent | None
     """The resolved ``--parent`` (None when none was given)."""
+    data: Any = None
+    """The stage's data as the trainer opened it (:class:`distseg.stages.data.StageData`: its manifest, read once;
+    None in unit tests that build a task by hand)."""
 
 
 class Student(NamedTuple):

@@ -28,7 +28,7 @@ def stage_context(kind: StageKind, cfg, env: DistEnv) -> tuple[StageContext, Sta
     kind.check(cfg)
     data = StageData.check(kind, cfg)
     parent = resolve_parent(cfg.parent, cfg.model) if cfg.parent else None
-    return StageContext(kind=kind, cfg=cfg, env=env, class_map=data.class_map, parent=parent), data
+    return StageContext(kind=kind, cfg=cfg, env=env, class_map=data.class_map, parent=parent, data=data), data
 
 
 def resolved_config(cfg, model_cfg, ds_cfg: dict) -> dict[str, Any]:
