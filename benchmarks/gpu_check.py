@@ -790,26 +790,10 @@ def _tail(path: Path, chars: int = 2500) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, read from /proc (stage runs start sessions of their own, out of its group)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and everything below it (collected first, so nothing is re-parented away unseen)."""
+    from distseg.supervise import descendants
+
     for p in [*descendants(pid), pid]:
         try:
             os.kill(p, signal.SIGKILL)

@@ -79,6 +79,27 @@ def start_watchdog(interval: float = 0.5) -> threading.Thread | None:
     return thread
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc: torchrun and distseg stages start sessions of their own, out of
+    their parent's process group, so a group signal cannot reach them all."""
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distseg.supervise import descendants
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -58,24 +60,6 @@ def stage_record(folder: Path) -> dict:
     return json.loads((folder / "stage.json").read_text())
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, out of its group)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def kill_after_checkpoint(cmd: list[str], out: Path, step: int = 4) -> None:
     """The kill -9 half of every resume test: start a run writing to ``out`` and SIGKILL it, launcher and every rank
     at once, as soon as its step-``step`` checkpoint is complete (it may be writing the next one at that moment).
@@ -86,7 +70,7 @@ def kill_after_checkpoint(cmd: list[str], out: Path, step: int = 4) -> None:
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    for pid in _descendants(proc.pid) + [proc.pid]:
+    for pid in descendants(proc.pid) + [proc.pid]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
