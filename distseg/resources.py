@@ -39,6 +39,12 @@ def shipped(name: str, path: str | Path) -> Path | None:
     return None
 
 
+def shipped_recipes() -> list[str]:
+    """Names of the shipped recipes (the YAML files of ``recipes/`` with a ``stages:`` list; class maps are not)."""
+    return sorted(p.stem for p in folder("recipes").glob("*.yaml")
+                  if any(line.startswith("stages:") for line in p.read_text().splitlines()))
+
+
 # ------------------------------------------------------------------------------ compute threads
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")

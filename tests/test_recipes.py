@@ -28,7 +28,14 @@ def _vars(tmp_path: Path) -> dict[str, str]:
 
 
 def test_all_recipes_are_shipped():
-    assert {p.stem for p in RECIPES} == EXPECTED
+    from typer.testing import CliRunner
+
+    from distseg.cli import app
+    from distseg.resources import shipped_recipes
+
+    assert {p.stem for p in RECIPES} == EXPECTED == set(shipped_recipes())
+    help_text = " ".join(CliRunner().invoke(app, ["run", "--help"], terminal_width=400).output.split())
+    assert all(name in help_text for name in EXPECTED), help_text
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

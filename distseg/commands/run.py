@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from distseg.resources import shipped_recipes
+
 
 def _parse_vars(items: list[str]) -> dict[str, str]:
     from distseg.errors import fail
@@ -44,7 +46,7 @@ def _execute(action) -> dict:
 
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see docs/recipes.md), or the name of a shipped recipe "
-                                            "(demo, dubai_10pct, eh_mkd_ssl, eh_ablation, cityscapes_semi)."),
+                                            f"({', '.join(shipped_recipes())})."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder (default: the recipe's, else runs/<name>)."),
     var: list[str] = typer.Option([], "--var", help="Recipe variable NAME=VALUE (repeatable); beats the "
                                                     "environment and the recipe's vars."),
