@@ -332,11 +332,17 @@ def stage_command(kind: str, *args: str) -> list[str]:
     return [sys.executable, "-c", STAGE_PRELUDE, kind, *args, *device]
 
 
-def stage_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+def single_process_env() -> dict[str, str]:
+    """This environment without a launcher's rank variables: every process the check starts is one rank alone."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         env.pop(name, None)
     return env
+
+
+def stage_env() -> dict[str, str]:
+    """A stage run of the exactness part: deterministic cuBLAS workspaces on top of :func:`single_process_env`."""
+    return dict(single_process_env(), CUBLAS_WORKSPACE_CONFIG=":4096:8")
 
 
 def run_stage(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -807,7 +813,7 @@ def run_part(part: str, timeout: float, out_dir: Path, work: Path, dry_run: bool
     log = work / f"{part}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", part, "--work", str(work), "--out",
            str(out_dir), "--train-modes", ",".join(modes)] + (["--dry-run"] if dry_run else [])
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
+    env = dict(single_process_env(), PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     if dry_run:
         env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))

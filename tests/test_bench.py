@@ -246,7 +246,8 @@ def test_malformed_record_names_file_and_line(tmp_path):
 def test_module_entry_moves_the_launcher_rank_into_the_environment(monkeypatch):
     from distseg.bench.__main__ import _take_local_rank
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # recorded, so the rank set below is undone after the test
+    monkeypatch.delenv("LOCAL_RANK")
     assert _take_local_rank(["--local_rank=3", "train", "--steps", "2"]) == ["train", "--steps", "2"]
     assert os.environ["LOCAL_RANK"] == "3"
 
