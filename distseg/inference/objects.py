@@ -64,12 +64,19 @@ class ObjectScore:
     """Object and pixel counts of one class, added up over images."""
 
     class_name: str
+    """The class whose objects are counted."""
     iou_threshold: float = 0.5
+    """A predicted object matches a true one (one to one) when their IoU is at least this."""
     found: int = 0
+    """True objects matched by a predicted one."""
     predicted: int = 0
+    """Predicted objects."""
     true: int = 0
+    """True objects."""
     intersection: int = 0
+    """Pixels of the class in both prediction and truth (for pixel IoU)."""
     union: int = 0
+    """Pixels of the class in either."""
 
     def add(self, pred_labels: np.ndarray, true_labels: np.ndarray, class_index: int, ignore_index: int) -> None:
         """Count one image: index masks of the same size (ignored truth pixels are left out of both)."""

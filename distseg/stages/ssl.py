@@ -182,8 +182,9 @@ class SSLTask(Task):
             cons, out["cons_fp"] = 0.5 * (cons + cons_fp), cons_fp.detach()
         weight = opts.lambda_u * rampup(getattr(self.engine, "global_steps", 0), opts.rampup_steps)
         if self.balance is not None:
-            weight = weight * self.balance.damping()
-            out["class_share_ratio"], out["balance_damping"] = self.balance.ratio(), self.balance.damping()
+            damping = self.balance.damping()
+            weight = weight * damping
+            out["class_share_ratio"], out["balance_damping"] = self.balance.ratio(), damping
         pl = t.pseudo
         if self.thresholds is not None:
             out["class_tau"] = self.thresholds.thresholds()
