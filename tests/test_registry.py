@@ -102,7 +102,8 @@ def _batch(b: int = 2, size: int = 32, strong: bool = False) -> Batch:
 
 @pytest.mark.parametrize("kind, options", [("distill", {"ewc_lambda": 0.0}), ("ssl", {"tau": 0.0}), ("head", {}),
                                            ("ssl", {"tau": 0.0, "feature_dropout": 0.5}),
-                                           ("ssl", {"tau": 0.0, "adaptive_tau": True})])
+                                           ("ssl", {"tau": 0.0, "adaptive_tau": True}),
+                                           ("ssl", {"tau": 0.0, "source_mix": 1.0, "consistency": "kl"})])
 def test_a_task_step_runs_in_process_on_a_cpu_batch(kind, options):
     from distseg.models import ModelConfig
 
@@ -123,6 +124,9 @@ def test_a_task_step_runs_in_process_on_a_cpu_batch(kind, options):
         assert losses["kept_fraction"] == 1.0 and "cons" in losses
         assert ("cons_fp" in losses) == (options.get("feature_dropout", 0) > 0)
         assert ("class_tau" in losses) == options.get("adaptive_tau", False)
+        assert ("pasted_fraction" in losses) == (options.get("source_mix", 0) > 0)
+        if "pasted_fraction" in losses:  # half of the 3 classes (rounded up) of a uniform random mask: about 2/3
+            assert 0.5 < float(losses["pasted_fraction"]) < 0.8
     losses["loss"].backward()
     trained = {id(p) for p in student.params}
     assert all((p.grad is not None) == (id(p) in trained) for p in student.module.parameters())

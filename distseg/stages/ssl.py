@@ -30,6 +30,7 @@ from distseg.data.batch import Batch, Batches
 from distseg.engine.state import EMAOptions
 from distseg.losses import consistency_loss
 from distseg.ops.balance import ClassBalance, labelled_share
+from distseg.ops.classmix import paste_labelled
 from distseg.ops.pseudo import PseudoLabels, pseudo_label, tta_probs
 from distseg.ops.thresholds import ClassThresholds
 from distseg.stages.common import StageError, build_from, parent_matching
@@ -75,6 +76,10 @@ class SSLOptions:
     leaves [1/r, r], so a run drifting toward one class leans on its labels instead (None: off)."""
     balance_momentum: float = 0.95
     """EMA momentum per micro-step of the running pseudo-label class share (with ``balance_bound``)."""
+    source_mix: float = 0.0
+    """Cross-domain ClassMix (ops/classmix.py): the probability that a pool crop's strong view gets the pixels of
+    half the classes of a labelled crop pasted in, carrying their true labels, so the student meets labelled objects
+    in the pool's context (0: off)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.tau <= 1:
@@ -85,6 +90,8 @@ class SSLOptions:
             raise ValueError("lambda_u must be >= 0")
         if self.balance_bound is not None and self.balance_bound <= 1:
             raise ValueError(f"balance_bound must be > 1 or null, got {self.balance_bound}")
+        if not 0 <= self.source_mix <= 1:
+            raise ValueError(f"source_mix must be in [0, 1], got {self.source_mix}")
         if not 0 <= self.balance_momentum < 1:
             raise ValueError(f"balance_momentum must be in [0, 1), got {self.balance_momentum}")
 
@@ -166,6 +173,8 @@ class SSLTask(Task):
         if self.balance is not None:
             self.balance.update(t.pseudo.class_hist)
         _, out = self.supervised(labelled(batches))
+        if opts.source_mix > 0:
+            t, out["pasted_fraction"] = self.paste_labelled(t, labelled(batches))
         sup = out["loss"]
         with self.autocast, running_stats_frozen(self.student):
             logits_u = self.engine(t.strong).float()
@@ -191,6 +200,19 @@ class SSLTask(Task):
         return {**out, "loss": sup + weight * cons,
                 "kept_fraction": pl.kept_fraction.mean(), "confidence": pl.mean_confidence.mean(),
                 "entropy": pl.mean_entropy.mean(), "class_hist": pl.class_hist.float()}
+
+    def paste_labelled(self, t: Targets, source: Batch) -> tuple[Targets, torch.Tensor]:
+        """``t`` with half the classes of a labelled crop pasted into its strong views (ops/classmix.py), and the
+        pasted share of the pixels; KL targets become one-hot where pasted."""
+        mixed = paste_labelled(t.strong, t.labels, t.keep, source.image, source.mask,
+                               num_classes=self.class_map.num_classes, ignore_index=self.class_map.ignore_index,
+                               prob=self.options.source_mix)
+        soft = t.soft
+        if soft is not None:
+            onehot = nn.functional.one_hot(mixed.labels.clamp(0, soft.shape[1] - 1), soft.shape[1])
+            soft = torch.where(mixed.pasted.unsqueeze(1), onehot.permute(0, 3, 1, 2).to(soft.dtype), soft)
+        return t._replace(strong=mixed.image, labels=mixed.labels, keep=mixed.keep, soft=soft), \
+            mixed.pasted.float().mean()
 
     def weights(self, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
         """Per-pixel consistency weights of the class-balance guard rail (None when it is off)."""
