@@ -218,7 +218,7 @@ def test_exported_head_round_trips_through_evaluate_predict_and_bench(head_run, 
     launch("evaluate.py", str(head_run), "--data", str(tiled_shards), "--split", "val", "--tile", "32",
            "--out", str(tmp_path))
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["whole_tile"]["confusion"] == record["metrics"]["student"]["confusion"]
+    assert result["best_val"]["whole_tile"]["confusion"] == record["metrics"]["student"]["confusion"]
     assert result["sliding_window"]["miou"] is not None
     # predict: one window covering the whole image equals the loaded model's own forward
     model, class_map = load_inference_model(head_run)

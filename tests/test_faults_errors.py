@@ -353,8 +353,9 @@ def test_a_poisoned_fisher_or_weights_file_is_one_error_line(ssl_run, target_sha
     (teacher / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     result = CliRunner().invoke(app, ["fisher", str(teacher), "--batches", "1", "--batch-size", "2"])
     one_error_line(result.exit_code, result.stderr, "model.safetensors")
+    shutil.copy2(teacher / "model.safetensors", teacher / "last" / "model.safetensors")  # eval's headline model
     proc = launch("evaluate.py", str(teacher), "--data", str(target_shards), "--no-sliding", check=False)
-    one_error_line(proc.returncode, proc.stderr, "model.safetensors")
+    one_error_line(proc.returncode, proc.stderr, "last/model.safetensors")
 
 
 # -- loader workers, corrupt samples, numbers ------------------------------------------------------------------------

@@ -90,9 +90,15 @@ def test_exported_weights_reproduce_eval_miou(chain, target_shards, tmp_path):
     launch("evaluate.py", str(chain / "distill"), "--data", str(target_shards), "--split", "val", "--no-sliding",
            "--out", str(tmp_path))
     result = json.loads((tmp_path / "eval.json").read_text())
-    best = stage_record(chain / "distill")["metrics"]["student"]
-    assert result["whole_tile"]["miou"] == pytest.approx(best["miou"], abs=1e-9)
-    assert result["whole_tile"]["confusion"] == best["confusion"]
+    record = stage_record(chain / "distill")
+    last = next(m["eval"]["student"] for m in _metrics(chain / "distill") if m.get("step") == 4 and "eval" in m)
+    assert (result["checkpoint"], result["step"]) == ("last", 4), "the headline: the end of the schedule"
+    assert result["whole_tile"]["miou"] == pytest.approx(last["miou"], abs=1e-9)
+    assert result["whole_tile"]["confusion"] == last["confusion"]
+    best = result["best_val"]  # beside it: the model validation chose (step 2 or 4)
+    assert best["step"] == record["best_step"]
+    assert best["whole_tile"]["miou"] == pytest.approx(record["metrics"]["student"]["miou"], abs=1e-9)
+    assert best["whole_tile"]["confusion"] == record["metrics"]["student"]["confusion"]
 
 
 def _max_diff(a, b):

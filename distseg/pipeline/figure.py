@@ -6,6 +6,7 @@ disagree on the most pixels.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,8 @@ def write_figure(plan: Plan, path: Path, tiles: int) -> Path | None:
     preds = []
     with torch.no_grad():
         for stage in rows:
-            model, _ = ckpt.load_inference_model(stage.parent_path, "cpu")
+            headline = json.loads((stage.folder / "eval.json").read_text()).get("weights")  # the table's model
+            model, _ = ckpt.load_inference_model(stage.parent_path, "cpu", which=headline or ckpt.WEIGHTS)
             pred = model(images).argmax(1).numpy()
             pred[ignored] = class_map.ignore_index  # no prediction shown where there is no ground truth
             preds.append(pred)

@@ -1,4 +1,8 @@
-"""The results table of a run: one row per eval stage, written as results.md and results.csv."""
+"""The results table of a run: one row per eval stage, written as results.md and results.csv.
+
+A row's headline is the evaluated stage's model at the end of its fixed schedule (eval.json's ``whole_tile``); the
+model validation chose during training (eval.json's ``best_val``) is reported beside it, never instead.
+"""
 from __future__ import annotations
 
 import csv
@@ -39,6 +43,12 @@ class ResultRow:
     """Per class: its correctly predicted pixels / all pixels predicted as it (None: never predicted)."""
     per_class_recall: list[float | None] | None = None
     """Per class: its correctly predicted pixels / all its true pixels (None: absent from the ground truth)."""
+    best_val_step: int | None = None
+    """Step of the model validation chose during training (None: the stage did not validate)."""
+    best_val_per_class_iou: list[float | None] | None = None
+    """Per-class IoU of that best-validation model, on the same split as the headline."""
+    best_val_miou: float | None = None
+    """mIoU of the best-validation model (reported beside the headline ``miou``, never instead)."""
 
 
 @dataclass
@@ -75,6 +85,15 @@ class SummaryRow:
     def class_metric(self, field: str, name: str) -> float | None:
         """Mean over seeds of a per-class list ``field`` (``per_class_precision``, ``per_class_recall``)."""
         return self.mean([dict(zip(r.class_names, getattr(r, field) or [])).get(name) for r in self.rows])
+
+    def best_val(self) -> str:
+        """Mean best-validation mIoU over seeds with the step(s) validation chose (per seed when they differ);
+        empty when a seed's stage did not validate."""
+        miou = self.mean([r.best_val_miou for r in self.rows])
+        if miou is None:
+            return ""
+        steps = ["n/a" if r.best_val_step is None else str(r.best_val_step) for r in self.rows]
+        return f"{_pct(miou)} ({steps[0] if len(set(steps)) == 1 else ' / '.join(steps)})"
 
     def delta(self, baseline: SummaryRow) -> list[float] | None:
         """Per-seed mIoU differences to ``baseline``, paired by seed (None when the seeds do not pair up)."""
@@ -135,13 +154,15 @@ def _row(plan: Plan, stage: PlannedStage, timings: dict[str, dict[str, float]]) 
     record = ckpt.read_stage(plan.run_dir / trained) if trained else {}
     chain = _ancestors(plan, trained)
     precision, recall = precision_recall(metrics["confusion"]) if "confusion" in metrics else (None, None)
+    best = saved.get("best_val") or {"step": None, "whole_tile": {}}
     return ResultRow(
         label=stage.spec.label or stage.name, stage=trained or str(stage.parent_path), split=saved["split"],
         class_names=list(metrics["class_names"]), per_class_iou=list(metrics["per_class_iou"]),
         miou=metrics["miou"], pixel_acc=metrics["pixel_acc"], labeled=record.get("labeled_samples"),
         unlabeled=record.get("unlabeled_samples"), stage_seconds=timings.get(trained or "", {}).get("wall"),
         chain_seconds=_chain_total(chain, timings, "wall"), chain_cpu_seconds=_chain_total(chain, timings, "cpu"),
-        seed=stage.spec.seed, per_class_precision=precision, per_class_recall=recall)
+        seed=stage.spec.seed, per_class_precision=precision, per_class_recall=recall, best_val_step=best["step"],
+        best_val_per_class_iou=best["whole_tile"].get("per_class_iou"), best_val_miou=best["whole_tile"].get("miou"))
 
 
 def collect_rows(plan: Plan) -> list[ResultRow]:
@@ -183,8 +204,10 @@ def table(rows: list[ResultRow], baseline: str | None = None) -> tuple[list[str]
     seeded = any(r.seed is not None for r in rows)
     fg = foreground(rows)
     detail = [f"{fg} precision", f"{fg} recall"] if fg else []
+    validated = any(r.best_val_miou is not None for r in rows)  # no column when no stage validated in training
     header = ["row", "stage", *classes, *detail, "mIoU"] + (["± sd", "per seed"] if seeded else []) + \
-        ([f"Δ vs {baseline}"] if base else []) + ["labelled", "unlabelled", "stage s", "chain s", "chain CPU s"]
+        ([f"Δ vs {baseline}"] if base else []) + (["best-val mIoU (step)"] if validated else []) + \
+        ["labelled", "unlabelled", "stage s", "chain s", "chain CPU s"]
     cells = []
     for g in groups:
         first = g.rows[0]
@@ -198,6 +221,8 @@ def table(rows: list[ResultRow], baseline: str | None = None) -> tuple[list[str]
             deltas = g.delta(base)
             line.append("n/a" if deltas is None else f"{100 * sum(deltas) / len(deltas):+.2f} ("
                         + ", ".join(f"{100 * d:+.2f}" for d in deltas) + ")")
+        if validated:
+            line.append(g.best_val())
         line += [str(first.labeled if first.labeled is not None else "n/a"),
                  str(first.unlabeled if first.unlabeled is not None else "n/a"),
                  *[_secs(g.mean([getattr(r, k) for r in g.rows]))
@@ -208,15 +233,18 @@ def table(rows: list[ResultRow], baseline: str | None = None) -> tuple[list[str]
 
 def write_results(rows: list[ResultRow], run_dir: Path, title: str, baseline: str | None = None) -> tuple[Path, Path]:
     """results.md (the summary table, IoU in %) and results.csv (one line per evaluated model: IoU, precision and
-    recall per class as fractions, seconds unrounded, with its seed)."""
+    recall per class as fractions, seconds unrounded, with its seed; the best-validation model's step, mIoU and
+    per-class IoU last, so readers of the earlier columns are unaffected)."""
     header, cells = table(rows, baseline)
     seeds = sorted({r.seed for r in rows if r.seed is not None})
     about = f"mean over seeds {', '.join(map(str, seeds))}; " if seeds else ""
     fg = foreground(rows)
     shown = f"Per-class IoU, {fg} precision and recall, and mIoU" if fg else "Per-class IoU and mIoU"
     md = [f"# {title}", "", f"{shown} in % on the {rows[0].split if rows else 'test'} split ({about}"
-          "± sd: sample standard deviation over seeds); wall and CPU times in seconds (chain: the stage and all its "
-          "ancestors).", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          "± sd: sample standard deviation over seeds) of each model at the end of its fixed schedule; best-val: the "
+          "model validation chose during training (its step), beside it, empty when the stage did not validate; "
+          "wall and CPU times in seconds (chain: the stage and all its ancestors).", "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in cells]
     md_path, csv_path = run_dir / "results.md", run_dir / "results.csv"
     md_path.write_text("\n".join(md) + "\n")
@@ -225,15 +253,19 @@ def write_results(rows: list[ResultRow], run_dir: Path, title: str, baseline: st
         writer = csv.writer(fh)
         writer.writerow(["row", "seed", "stage", "split", *[f"iou_{c}" for c in classes],
                          *[f"{m}_{c}" for m in ("precision", "recall") for c in classes], "miou", "pixel_acc",
-                         "labeled", "unlabeled", "stage_seconds", "chain_seconds", "chain_cpu_seconds"])
+                         "labeled", "unlabeled", "stage_seconds", "chain_seconds", "chain_cpu_seconds",
+                         "best_val_step", "best_val_miou", *[f"best_val_iou_{c}" for c in classes]])
         for row in rows:
             iou = dict(zip(row.class_names, row.per_class_iou))
+            best_iou = dict(zip(row.class_names, row.best_val_per_class_iou or []))
             pr = [dict(zip(row.class_names, values or [])) for values in (row.per_class_precision,
                                                                           row.per_class_recall)]
             writer.writerow([row.label, _num(row.seed), row.stage, row.split, *[_num(iou.get(c)) for c in classes],
                              *[_num(m.get(c)) for m in pr for c in classes],
                              _num(row.miou), _num(row.pixel_acc), _num(row.labeled), _num(row.unlabeled),
-                             _num(row.stage_seconds), _num(row.chain_seconds), _num(row.chain_cpu_seconds)])
+                             _num(row.stage_seconds), _num(row.chain_seconds), _num(row.chain_cpu_seconds),
+                             _num(row.best_val_step), _num(row.best_val_miou),
+                             *[_num(best_iou.get(c)) for c in classes]])
     return md_path, csv_path
 
 
