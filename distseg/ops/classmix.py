@@ -5,7 +5,10 @@ map is for (buildings of a new town: the fine-tune misses most of them). Pasting
 labelled crop into a pool image gives the student those objects with exact labels *in the pool's context* (its
 roofs' neighbours, its vegetation, its colours around them), next to the pseudo-labelled rest of the image. The
 method is DACS's (Tranheden et al., WACV 2021), after ClassMix (Olsson et al., 2021): each pasted crop contributes
-the pixels of a random half of the classes present in it.
+the pixels of a random half of the classes present in it, except its majority class. Leaving the majority class
+out is this module's change to DACS: with two classes (background / building) half the crops would otherwise paste
+their background, i.e. most of the crop, and the student would see source imagery with a few target holes instead
+of target imagery with source objects.
 """
 from __future__ import annotations
 
@@ -30,13 +33,17 @@ class Mixed(NamedTuple):
 
 def class_halves(masks: Tensor, num_classes: int, ignore_index: int, generator: torch.Generator | None = None
                  ) -> Tensor:
-    """B×H×W bool: for each label map, the pixels of a random half (rounded up) of the classes present in it.
+    """B×H×W bool: for each label map, the pixels of a random half (rounded up) of the classes present in it other
+    than its majority class (nothing when that is the only one).
 
     Ignored pixels are never chosen: they have no label to carry.
     """
     chosen = torch.zeros(masks.shape[0], num_classes, dtype=torch.bool, device=masks.device)
     for b, mask in enumerate(masks):
-        present = torch.unique(mask[(mask >= 0) & (mask < num_classes) & (mask != ignore_index)])
+        counts = torch.bincount(mask[(mask >= 0) & (mask < num_classes) & (mask != ignore_index)],
+                                minlength=num_classes)
+        counts[counts.argmax()] = 0  # the majority class stays the pool image's
+        present = counts.nonzero().flatten()
         if present.numel() == 0:
             continue
         order = torch.randperm(present.numel(), generator=generator, device="cpu").to(present.device)

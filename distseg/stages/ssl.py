@@ -76,6 +76,11 @@ class SSLOptions:
     leaves [1/r, r], so a run drifting toward one class leans on its labels instead (None: off)."""
     balance_momentum: float = 0.95
     """EMA momentum per micro-step of the running pseudo-label class share (with ``balance_bound``)."""
+    bn_stats: Literal["labelled", "pool"] = "labelled"
+    """Which images the BatchNorm running statistics follow, and so those the teacher and the exported model
+    normalise with: the labelled crops, or the pool's weak views (one extra no-grad student forward per step). With
+    labels from one place and imagery of another, 'pool' lets the model normalise the imagery to map with
+    statistics that include it; the labelled batch is then normalised by its own batch statistics only."""
     source_mix: float = 0.0
     """Cross-domain ClassMix (ops/classmix.py): the probability that a pool crop's strong view gets the pixels of
     half the classes of a labelled crop pasted in, carrying their true labels, so the student meets labelled objects
@@ -162,17 +167,22 @@ class SSLTask(Task):
             raise StageError(f"{self.cfg.data.shards}: ssl.balance_bound needs class pixel counts ({exc})") from None
 
     def streams(self) -> tuple[str, ...]:
-        """The λ_u = 0 control trains on labels alone, so it neither reads nor pseudo-labels the pool."""
-        return super().streams() if self.options.lambda_u > 0 else ("labelled",)
+        """The λ_u = 0 control trains on labels alone, so it neither reads nor pseudo-labels the pool, unless the
+        running statistics follow the pool (then it reads the pool for them, as the SSL run it controls does)."""
+        opts = self.options
+        return super().streams() if opts.lambda_u > 0 or opts.bn_stats == "pool" else ("labelled",)
 
     def step(self, batches: Batches) -> dict[str, torch.Tensor]:
         opts = self.options
-        if batches.unlabelled is None:
-            return self.supervised(labelled(batches))[1]
+        with self.labelled_stats():
+            _, out = self.supervised(labelled(batches))
+        if opts.bn_stats == "pool":
+            self.follow_pool_stats(batches.unlabelled)
+        if opts.lambda_u == 0:
+            return out
         t = self.pseudo_targets(batches.unlabelled)
         if self.balance is not None:
             self.balance.update(t.pseudo.class_hist)
-        _, out = self.supervised(labelled(batches))
         if opts.source_mix > 0:
             t, out["pasted_fraction"] = self.paste_labelled(t, labelled(batches))
         sup = out["loss"]
@@ -200,6 +210,17 @@ class SSLTask(Task):
         return {**out, "loss": sup + weight * cons,
                 "kept_fraction": pl.kept_fraction.mean(), "confidence": pl.mean_confidence.mean(),
                 "entropy": pl.mean_entropy.mean(), "class_hist": pl.class_hist.float()}
+
+    def labelled_stats(self) -> contextlib.AbstractContextManager:
+        """Around the labelled forward: it updates the running statistics unless they follow the pool."""
+        return running_stats_frozen(self.student) if self.options.bn_stats == "pool" else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def follow_pool_stats(self, unl: Batch) -> None:
+        """One train-mode forward of the student on the pool's weak views: only the BN running statistics change
+        (the EMA then carries them to the teacher)."""
+        with self.autocast:
+            self.engine(unl.image)
 
     def paste_labelled(self, t: Targets, source: Batch) -> tuple[Targets, torch.Tensor]:
         """``t`` with half the classes of a labelled crop pasted into its strong views (ops/classmix.py), and the
