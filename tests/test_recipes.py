@@ -171,16 +171,25 @@ def test_oam_transfer_pools_the_target_imagery_and_tests_on_the_target(tmp_path)
         assert datasets["target"].shard.split == "0:0:1" and datasets["target_pool"].shard.masks is None
         stages = plan.by_name()
         pool = (datasets["nairobi"].path, datasets["target_pool"].path)
-        for name in ("ft_ssl", "ft_control", "skd_ssl", "mkd_ssl"):
+        for name in ("ft_ssl", "ft_control", "ft_poolbn", "skd_ssl", "mkd_ssl"):
             assert stages[f"{name}.s1"].config.data.unlabeled == pool, name
             assert stages[f"{name}.s1"].config.data.shards == datasets["nairobi"].path
-        _control_differs_in_lambda_u_alone(stages["ft_ssl.s1"].config, stages["ft_control.s1"].config)
+        # (f) is (c) without pseudo-labels, and (e) is (f) with the labelled crops' BN statistics
+        ssl, poolbn, control = (stages[f"{n}.s1"].config for n in ("ft_ssl", "ft_poolbn", "ft_control"))
+        _control_differs_in_lambda_u_alone(ssl, poolbn)
+        assert poolbn.options.bn_stats == "pool" and ssl.options.source_mix > 0
+        assert dataclasses.replace(control.options, bn_stats="pool") == poolbn.options
+        assert (control.parent, control.train, control.optim, control.data) == \
+            (poolbn.parent, poolbn.train, poolbn.optim, poolbn.data)
         evals = [s for s in plan.stages if s.kind == "eval"]
         assert {s.data_path for s in evals} == {datasets["target"].path}
         assert all(s.eval_options.split == "test" for s in evals)
         # MKD: the Dubai hop runs once for every seed; each seed's Nairobi head starts from that one student
-        assert [s.name for s in plan.stages if s.name.startswith("dubai_")] == ["dubai_teacher", "dubai_student"]
+        assert [s.name for s in plan.stages if s.name.startswith("dubai_")] == ["dubai_teacher", "dubai_student",
+                                                                                "dubai_ft"]
         assert stages["mkd_teacher.s2"].config.parent == str(tmp_path / target / "dubai_student")
+        assert stages["mkdft_teacher.s2"].config.parent == str(tmp_path / target / "dubai_ft")
+        assert stages["mkdft.s2"].config.options.init_from_teacher
         assert stages["skd_teacher.s2"].config.parent is None or "dubai" not in stages["skd_teacher.s2"].config.parent
     labels = [s.spec.label for s in plan.stages if s.kind == "eval" and s.name.endswith(".s0")]
     assert labels[0] == plan.recipe.baseline == "(a) fine-tune"
