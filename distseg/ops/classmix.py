@@ -38,19 +38,18 @@ def class_halves(masks: Tensor, num_classes: int, ignore_index: int, generator: 
 
     Ignored pixels are never chosen: they have no label to carry.
     """
-    chosen = torch.zeros(masks.shape[0], num_classes, dtype=torch.bool, device=masks.device)
-    for b, mask in enumerate(masks):
-        counts = torch.bincount(mask[(mask >= 0) & (mask < num_classes) & (mask != ignore_index)],
-                                minlength=num_classes)
-        counts[counts.argmax()] = 0  # the majority class stays the pool image's
-        present = counts.nonzero().flatten()
-        if present.numel() == 0:
-            continue
-        order = torch.randperm(present.numel(), generator=generator, device="cpu").to(present.device)
-        chosen[b, present[order[: (present.numel() + 1) // 2]]] = True
-    safe = masks.clamp(0, num_classes - 1)
     valid = (masks >= 0) & (masks < num_classes) & (masks != ignore_index)
-    return chosen.gather(1, safe.flatten(1)).view_as(masks) & valid
+    safe = masks.clamp(0, num_classes - 1).flatten(1)
+    counts = torch.zeros(masks.shape[0], num_classes, dtype=torch.int64, device=masks.device)
+    counts.scatter_add_(1, safe, valid.flatten(1).long())
+    candidates = counts > 0
+    candidates.scatter_(1, counts.argmax(1, keepdim=True), False)  # the majority class stays the pool image's
+    wanted = (candidates.sum(1, keepdim=True) + 1) // 2
+    # a random order of the candidates (on the device: no host sync in the training step); take the first `wanted`
+    scores = torch.rand(candidates.shape, generator=generator).to(masks.device).masked_fill(~candidates, -1.0)
+    rank = scores.argsort(1, descending=True).argsort(1)
+    chosen = candidates & (rank < wanted)
+    return chosen.gather(1, safe).view_as(masks) & valid
 
 
 def paste_labelled(image: Tensor, labels: Tensor, keep: Tensor, src_image: Tensor, src_mask: Tensor, *,
