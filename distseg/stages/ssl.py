@@ -88,8 +88,8 @@ class SSLOptions:
     statistics that include it; the labelled batch is then normalised by its own batch statistics only."""
     source_mix: float = 0.0
     """Cross-domain ClassMix (ops/classmix.py): the probability that a pool crop's strong view gets the pixels of
-    half the classes of a labelled crop pasted in, carrying their true labels, so the student meets labelled objects
-    in the pool's context (0: off)."""
+    half the minority classes of a labelled crop pasted in (never its majority class), carrying their true labels,
+    so the student meets labelled objects in the pool's context (0: off)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.tau <= 1:
@@ -228,7 +228,7 @@ class SSLTask(Task):
             self.engine(unl.image)
 
     def paste_labelled(self, t: Targets, source: Batch) -> tuple[Targets, torch.Tensor]:
-        """``t`` with half the classes of a labelled crop pasted into its strong views (ops/classmix.py), and the
+        """``t`` with half the minority classes of a labelled crop pasted into its strong views (ops/classmix.py), and the
         pasted share of the pixels; KL targets become one-hot where pasted."""
         mixed = paste_labelled(t.strong, t.labels, t.keep, source.image, source.mask,
                                num_classes=self.class_map.num_classes, ignore_index=self.class_map.ignore_index,
