@@ -181,3 +181,25 @@ def test_seeds_expand_the_chain_and_the_table_averages_them(tmp_path, shards):
     shared = _plan(_recipe(tmp_path, shards, [{**HEAD, "once": True}, *stages[1:]], seeds=[0, 1]), tmp_path)
     assert [s.name for s in shared.stages] == ["head", "kd.s0", "eval_kd.s0", "kd.s1", "eval_kd.s1"]
     assert shared.by_name()["kd.s1"].spec.parent == "head" and shared.by_name()["head"].config.train.seed == 0
+
+
+def test_only_selects_stages_by_pattern_with_their_ancestors(tmp_path, shards):
+    (tmp_path / "init.safetensors").write_bytes(b"")
+    stages = [{**HEAD, "once": True}, {"name": "kd", "kind": "distill", "data": "target", "parent": "head"},
+              {"name": "kd2", "kind": "distill", "data": "target", "parent": "kd"},
+              {"name": "eval_kd", "kind": "eval", "data": "target", "parent": "kd", "label": "KD"},
+              {"name": "eval_kd2", "kind": "eval", "data": "target", "parent": "kd2", "label": "KD2"}]
+    plan = _plan(_recipe(tmp_path, shards, stages, seeds=[0, 1]), tmp_path)
+    names = lambda patterns: [s.name for s in plan.selected(patterns)]
+    assert names([]) == [s.name for s in plan.stages]
+    assert names(["eval_kd"]) == ["head", "kd.s0", "eval_kd.s0", "kd.s1", "eval_kd.s1"]
+    assert names(["eval_kd2.s1"]) == ["head", "kd.s1", "kd2.s1", "eval_kd2.s1"]
+    assert names(["eval_*.s0", "head"]) == ["head", "kd.s0", "kd2.s0", "eval_kd.s0", "eval_kd2.s0"]
+    with pytest.raises(RecipeError, match=r"--only 'kd3' matches no stage \(stages: \['eval_kd', 'eval_kd2', 'head'"):
+        plan.selected(["kd3"])
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run"),
+                                      "--dry-run", "--only", "kd2.s0,eval_kd.s1"])
+    assert result.exit_code == 0, result.output
+    listed = [line.split("--out ")[1].split()[0].rsplit("/", 1)[1] for line in result.output.splitlines()
+              if "--out" in line]
+    assert listed == ["head", "kd.s0", "kd2.s0", "kd.s1", "eval_kd.s1"]

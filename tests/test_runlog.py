@@ -1,10 +1,15 @@
 """Progress a cluster log shows: plain lines when stdout is not a terminal."""
 import io
+import json
+import subprocess
+import sys
+import time
 
+import pytest
 import torch
 
 from distseg.engine.distributed import DistEnv
-from distseg.engine.runlog import RunLog, progress_line
+from distseg.engine.runlog import RunLog, process_age, progress_line
 
 CPU = DistEnv(0, 0, 1, torch.device("cpu"))
 
@@ -62,3 +67,23 @@ def test_distseg_run_prints_plain_stage_lines_into_a_log_file():
     assert out.getvalue().splitlines() == ["ft.s0 (finetune): step 10/100 loss 0.900",
                                            "ft.s0 (finetune): step 100/100 done in 50 s (49 CPU s)",
                                            "ssl.s0 (ssl): step 0/50 failed (exit 1)"]
+
+
+@pytest.mark.skipif(process_age() is None, reason="no /proc")
+def test_process_age_counts_from_the_process_start_not_from_the_import():
+    code = ("import time; time.sleep(1.5); t = time.monotonic(); from distseg.engine.runlog import process_age; "
+            "print(process_age(), time.monotonic() - t)")
+    started = time.monotonic()
+    age, import_s = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              check=True).stdout.split())
+    assert 1.5 + import_s - 0.02 <= age <= time.monotonic() - started + 0.02  # clock ticks: 10 ms
+
+
+@pytest.mark.skipif(process_age() is None, reason="no /proc")
+def test_the_first_step_records_and_prints_the_start_up(tmp_path):
+    stream = io.StringIO()
+    log = RunLog(tmp_path, CPU, total=10, start=4, every_s=0.0, stream=stream)
+    log.starting(4)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["step"] == 4 and 0 < record["startup_s"] <= process_age()
+    assert stream.getvalue() == f"{tmp_path.name}: step 5 starts {record['startup_s']:.1f} s after the process started\n"

@@ -54,12 +54,18 @@ def run(
     launch: list[str] = typer.Option([], "--launch", help="Multi-node setting KEY=VALUE of the recipe's launch: "
                                                           "block (repeatable): num_nodes, hostfile, master_addr, "
                                                           "master_port, node_rank, rdzv_endpoint, rdzv_id, ..."),
+    only: list[str] = typer.Option([], "--only", help="Run only these stages (repeatable; comma-separated or "
+                                                      "shell patterns: 'ft' is every seed's ft, 'ft.s1' one, "
+                                                      "'eval_ft*'), with the ancestors they start from. The "
+                                                      "table still lists every evaluated stage."),
 ) -> None:
     """Run a recipe's stages in order: skip finished ones, resume interrupted ones, then write results.md/.csv."""
     from distseg.pipeline import run_recipe
 
     variables = _parse_vars(var)
-    _execute(lambda: run_recipe(recipe, variables=variables, out=out, dry_run=dry_run, launch=launch))
+    patterns = [p.strip() for item in only for p in item.split(",") if p.strip()]
+    _execute(lambda: run_recipe(recipe, variables=variables, out=out, dry_run=dry_run, launch=launch,
+                                only=patterns))
 
 
 def demo(

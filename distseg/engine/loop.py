@@ -299,6 +299,8 @@ class Loop:
         sums: dict[str, torch.Tensor] = {}
         count, in_a_row, skipped_before = 0, 0, self.skipped
         t_last, step_last = time.perf_counter(), self.step
+        if self.step < self.cfg.steps:
+            log.starting(self.step)
         try:
             while self.step < self.cfg.steps:
                 result = train_step(self.task, self.engine, self.streams, self.env.device, self.accum, self.guard)

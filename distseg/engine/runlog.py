@@ -3,12 +3,27 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 from distseg.engine.distributed import DistEnv
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports included), from the kernel's record of
+    its start time; None where there is no /proc. A recipe launches one process per stage, so this is the price each
+    one pays before its first step (torch, DeepSpeed and timm imports, then distseg's own set-up)."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(uptime - started / os.sysconf("SC_CLK_TCK"), 2)
 
 
 def scalar_events(prefix: str, values: dict[str, Any], step: int,
@@ -91,6 +106,16 @@ class RunLog:
                 self._printed = now
                 line = progress_line(self.name, step, self.total, info, now - self._t0, step - self._start)
                 print(line, file=self.stream, flush=True)
+
+    def starting(self, step: int) -> None:
+        """This process is about to take its first step (``step`` + 1): record in metrics.jsonl (``startup_s``)
+        and print how long after the process started that is: its start-up."""
+        age = process_age()
+        if age is None or not self.env.is_main:
+            return
+        self.write({"step": step, "startup_s": age})
+        print(f"{self.name}: step {step + 1} starts {age:.1f} s after the process started", file=self.stream,
+              flush=True)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -6,6 +6,7 @@ starts: stage references, cycles, datasets, class maps between hops, and every S
 from __future__ import annotations
 
 import copy
+import fnmatch
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -63,6 +64,34 @@ class Plan:
 
     def by_name(self) -> dict[str, PlannedStage]:
         return {s.name: s for s in self.stages}
+
+    def selected(self, patterns: list[str]) -> list[PlannedStage]:
+        """The stages ``--only`` asks for, with every ancestor they start from, in plan order.
+
+        A pattern (shell-style: ``ft*``) matches a stage's own name (``ft.s1``) or its recipe name (``ft``, every
+        seed's copy). Ancestors come along because a stage cannot start without its parent's model; finished ones
+        are skipped as in a full run. A pattern that matches nothing is an error, not a silent no-op."""
+        if not patterns:
+            return list(self.stages)
+        names = self.by_name()
+        chosen: set[str] = set()
+        for pattern in patterns:
+            hits = [s.name for s in self.stages
+                    if fnmatch.fnmatchcase(s.name, pattern) or fnmatch.fnmatchcase(recipe_name(s.spec), pattern)]
+            if not hits:
+                recipe_names = sorted({recipe_name(s.spec) for s in self.stages})
+                raise RecipeError(f"{self.source}: --only {pattern!r} matches no stage (stages: {recipe_names})")
+            for name in hits:
+                while name in names and name not in chosen:
+                    chosen.add(name)
+                    name = names[name].spec.parent
+        return [s for s in self.stages if s.name in chosen]
+
+
+def recipe_name(spec: StageSpec) -> str:
+    """The name a stage has in the recipe: its planned name without the seed suffix ``.s<seed>``."""
+    suffix = f".s{spec.seed}"
+    return spec.name[:-len(suffix)] if spec.seed is not None and spec.name.endswith(suffix) else spec.name
 
 
 def _fail(source: Path, stage: str | None, message: str) -> RecipeError:

@@ -8,7 +8,7 @@ from typing import Any
 from distseg.config import to_dict
 from distseg.engine.runlog import PLAIN_EVERY_S, progress_line
 from distseg.pipeline.launch import LOG_NAME, decide, log_tail, run_process, write_stage_config
-from distseg.pipeline.plan import Plan, build_plan
+from distseg.pipeline.plan import Plan, PlannedStage, build_plan
 from distseg.pipeline.recipe import RecipeError, load_recipe, locate_recipe
 from distseg.pipeline.results import collect_rows, load_timings, rich_table, save_timings, write_results
 
@@ -65,15 +65,15 @@ def build_datasets(plan: Plan, console) -> None:
                       progress=console.is_terminal)
 
 
-def print_plan(plan: Plan, console) -> None:
-    """The dry-run listing: each stage's decision and command."""
+def print_plan(plan: Plan, console, stages: list[PlannedStage]) -> None:
+    """The dry-run listing: each of ``stages``' decision and command."""
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     for name, ds in plan.recipe.datasets.items():
         if ds.shard is not None:
             console.print(f"# dataset {name}: distseg shard-data -> {ds.path}", markup=False, highlight=False)
     rerun: set[str] = set()
-    for stage in plan.stages:
+    for stage in stages:
         decision = decide(stage, stage.spec.parent in rerun)
         if decision.action not in ("skip", "refuse"):
             rerun.add(stage.name)
@@ -117,8 +117,9 @@ class PlainProgress:
             self.console.print(text, markup=True, highlight=False, soft_wrap=True)
 
 
-def run_stages(plan: Plan, console) -> None:
-    """Run every stage that needs it, in order; raise StageFailed (with the log tail) at the first failure."""
+def run_stages(plan: Plan, console, stages: list[PlannedStage]) -> None:
+    """Run every one of ``stages`` that needs it, in order; raise StageFailed (with the log tail) at the first
+    failure."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     timings = load_timings(plan.run_dir)
@@ -129,7 +130,7 @@ def run_stages(plan: Plan, console) -> None:
     node = "" if leader else f".node{plan.recipe.launch.node_rank}"
     live = Progress(*columns, console=console, transient=False) if console.is_terminal else PlainProgress(console)
     with live as progress:
-        for stage in plan.stages:
+        for stage in stages:
             decision = decide(stage, stage.spec.parent in rerun)
             steps = stage.config.train.steps if stage.config is not None else 1
             task = progress.add_task(f"{stage.name} ({stage.kind})", total=steps, info=decision.reason)
@@ -182,8 +183,12 @@ def results_console():
 
 
 def run_recipe(path: str | Path, *, variables: dict[str, str] | None = None, out: str | None = None,
-               dry_run: bool = False, console=None, launch: list[str] | None = None) -> dict[str, Any]:
+               dry_run: bool = False, console=None, launch: list[str] | None = None,
+               only: list[str] | None = None) -> dict[str, Any]:
     """Validate the recipe completely, then (unless ``dry_run``) shard, train, evaluate and tabulate.
+
+    ``only``: stage-name patterns (:meth:`Plan.selected`); the other stages are left as they are, and the table
+    still has a row for every evaluated stage, so a run of some rows adds to the table of earlier runs.
 
     The run folder is locked for the whole run (a second ``distseg run`` on it is refused, naming this one).
     Returns ``{"plan", "rows", "md", "csv", "figure"}`` (only ``plan`` on a dry run; only ``plan`` on a node
@@ -197,13 +202,14 @@ def run_recipe(path: str | Path, *, variables: dict[str, str] | None = None, out
     path = locate_recipe(path)
     recipe = load_recipe(path, variables, out, launch)
     plan = build_plan(recipe, path, require_inputs=not dry_run)
+    stages = plan.selected(only or [])
     if dry_run:
-        print_plan(plan, console)
+        print_plan(plan, console, stages)
         return {"plan": plan}
     leader = recipe.launch.leader
     lock_name = LOCK_NAME if leader else f"{LOCK_NAME}.node{recipe.launch.node_rank}"
     with FolderLock(plan.run_dir, lock_name):
-        console.print(f"[bold]{recipe.name}[/]: {len(plan.stages)} stages -> {plan.run_dir}  "
+        console.print(f"[bold]{recipe.name}[/]: {len(stages)} stages -> {plan.run_dir}  "
                       f"(logs: <stage>/{LOG_NAME})")
         console.print(f"TensorBoard: tensorboard --logdir {shlex.quote(str(plan.run_dir))}", markup=False,
                       highlight=False, soft_wrap=True)
@@ -211,5 +217,5 @@ def run_recipe(path: str | Path, *, variables: dict[str, str] | None = None, out
             build_datasets(plan, console)
         else:
             wait_for_datasets(plan, console)
-        run_stages(plan, console)
+        run_stages(plan, console, stages)
         return {"plan": plan, **(finish(plan, console) if leader else {})}

@@ -18,6 +18,7 @@ from distseg.data.stream import StreamConfig
 from distseg.engine import checkpoint as ckpt
 from distseg.engine.distributed import init_distributed
 from distseg.engine.metrics import ConfusionMatrix, evaluate_model, format_table
+from distseg.engine.runlog import process_age
 from distseg.stages.common import StageError
 from distseg.stages.data import data_class_map, make_loader
 from distseg.stages.registry import EVAL, StageKind
@@ -83,7 +84,8 @@ def run(model_path: str, shards: str, *, split: str = "val", sliding: bool = Tru
 
     eval.json's ``whole_tile`` (and ``sliding_window``) are the headline model's; ``checkpoint`` and ``step`` say
     which it is (None for a bare weights file), and ``best_val`` holds the best-validation model's whole-tile
-    metrics when the stage validated during training."""
+    metrics when the stage validated during training. ``startup_s`` is how long after the process started the
+    first batch was asked for (None without /proc), as a training stage logs its own in metrics.jsonl."""
     if checkpoint not in (LAST, BEST):
         raise StageError(f"--checkpoint {checkpoint!r}: choose {LAST!r} or {BEST!r}")
     env = init_distributed(local_rank, device)
@@ -110,7 +112,7 @@ def run(model_path: str, shards: str, *, split: str = "val", sliding: bool = Tru
     loader = make_loader(shards, split, stream, env, batch_size=batch_size, train=False)
     no_autocast = torch.autocast(env.device.type, enabled=False)
     results = {"split": split, "shards": str(shards), "model": str(model_path), **headline,
-               "whole_tile": evaluate_model(model, loader, class_map, env, no_autocast)}
+               "startup_s": process_age(), "whole_tile": evaluate_model(model, loader, class_map, env, no_autocast)}
     if sliding:
         single = make_loader(shards, split, stream, env, batch_size=1, train=False)
         results["sliding_window"] = {"tile": tile, "overlap": overlap,
