@@ -27,7 +27,8 @@ def _numbers(metrics):
     """The logged values that depend on the data order and augmentation (timings left out)."""
     keep = []
     for m in metrics:
-        keep.append({k: v for k, v in m.items() if k not in ("images_per_s", "time", "wall", "data_wait")})
+        timings = ("images_per_s", "time", "wall", "data_wait", "startup_s")
+        keep.append({k: v for k, v in m.items() if k not in timings})
     return keep
 
 
