@@ -3,6 +3,7 @@ chose (``best/``) is reported beside it (eval.json's ``best_val``, the results t
 instead."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import shutil
@@ -135,3 +136,42 @@ def test_results_rows_carry_the_headline_and_the_best_val_model(stages, target_s
     del old["checkpoint"]  # written before the rule: it measured the folder root, the best-validation model
     (plan.stages[0].folder / "eval.json").write_text(json.dumps(old))
     assert decide(plan.stages[0], False).action == "start"
+
+
+def test_adapt_bn_measures_the_model_with_statistics_of_the_given_imagery(stages, target_shards, tmp_path,
+                                                                          monkeypatch):
+    """--adapt-bn: the headline and the best-val model are both measured after AdaBN on the folders' unlabelled
+    split, equal to adapting the in-memory model with ops/adabn.py; a recipe's eval ``unlabeled`` passes it, and an
+    eval.json adapted on other folders (or none) is out of date."""
+    from distseg.data.stream import StreamConfig
+    from distseg.ops.adabn import reestimate_bn
+    from distseg.pipeline import build_plan, load_recipe
+    from distseg.pipeline.launch import decide
+    from distseg.stages.common import StageError
+    from distseg.stages.data import make_loader
+
+    folder, models = stages["validated"]
+    saved = _evaluate(monkeypatch, folder, target_shards, tmp_path / "a", adapt_bn=[str(target_shards)])
+    assert saved["adapt_bn"] == {"folders": [str(target_shards)], "split": "unlabeled", "images": 16}
+    for key, got in (("last", saved["whole_tile"]), ("best", saved["best_val"]["whole_tile"])):
+        model = copy.deepcopy(models[key])
+        pool = make_loader(str(target_shards), "unlabeled", StreamConfig(), CPU, batch_size=4, train=False)
+        reestimate_bn(model, (b.image for b in pool))
+        assert got["confusion"] == _reference(model, target_shards)["confusion"]
+        assert got["confusion"] != _reference(models[key], target_shards)["confusion"], "AdaBN changed nothing"
+    with pytest.raises(StageError, match="not a shard folder"):
+        _evaluate(monkeypatch, folder, target_shards, tmp_path / "b", adapt_bn=[str(tmp_path / "none")])
+
+    recipe = {"name": "t", "launcher": "python", "model": {"backbone": "test_resnet"},
+              "datasets": {"target": str(target_shards)},
+              "stages": [{"name": "eval_a", "kind": "eval", "data": "target", "weights": str(folder),
+                          "unlabeled": ["target"]}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    stage, = build_plan(load_recipe(path, out=str(tmp_path / "run")), path).stages
+    assert stage.command[-2:] == ["--adapt-bn", str(target_shards)]
+    stage.folder.mkdir(parents=True)
+    shutil.copy2(tmp_path / "a" / "eval.json", stage.folder / "eval.json")
+    assert decide(stage, False).action == "skip"
+    stage.adapt_bn = []
+    assert decide(stage, False).action == "start", "an adapted eval.json does not stand for a plain one"

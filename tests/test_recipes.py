@@ -183,6 +183,10 @@ def test_oam_transfer_pools_the_target_imagery_and_tests_on_the_target(tmp_path)
             (poolbn.parent, poolbn.train, poolbn.optim, poolbn.data)
         evals = [s for s in plan.stages if s.kind == "eval"]
         assert {s.data_path for s in evals} == {datasets["target"].path}
+        # (g)/(h): (a)'s model measured after AdaBN on (f)'s pool, and on the target's imagery alone
+        assert stages["eval_ft_adabn.s1"].adapt_bn == list(pool) and stages["eval_ft_adabn.s1"].parent_path == \
+            stages["eval_ft_adabn_target.s1"].parent_path == str(stages["ft.s1"].folder)
+        assert stages["eval_ft_adabn_target.s1"].adapt_bn == [datasets["target_pool"].path]
         assert all(s.eval_options.split == "test" for s in evals)
         # MKD: the Dubai hop runs once for every seed; each seed's Nairobi head starts from that one student
         assert [s.name for s in plan.stages if s.name.startswith("dubai_")] == ["dubai_teacher", "dubai_student",

@@ -38,7 +38,8 @@ class Decision:
 
 
 def _eval_is_current(stage: PlannedStage) -> bool:
-    """Whether eval.json measured the parent as the stage asks now. A stage folder's headline must be its last model
+    """Whether eval.json measured the parent as the stage asks now (split, data, model, sliding windows and the
+    folders of its BatchNorm re-estimation). A stage folder's headline must be its last model
     (``checkpoint: last``): an eval.json from before that rule measured the folder root (best-validation) and reruns."""
     path = stage.folder / "eval.json"
     if not path.is_file():
@@ -50,6 +51,7 @@ def _eval_is_current(stage: PlannedStage) -> bool:
     opts = stage.eval_options
     return (saved.get("split") == opts.split and saved.get("shards") == stage.data_path
             and saved.get("model") == stage.parent_path and ("sliding_window" in saved) == opts.sliding
+            and saved.get("adapt_bn", {}).get("folders", []) == stage.adapt_bn
             and saved.get("checkpoint", "root") == ("last" if Path(stage.parent_path).is_dir() else None))
 
 

@@ -37,6 +37,8 @@ class PlannedStage:
     identity: dict[str, Any] | None = None
     """Training stages: ``config.identity(world size)``, what a finished or interrupted folder must match."""
     eval_options: EvalOptions | None = None
+    adapt_bn: list[str] = field(default_factory=list)
+    """Eval stages: the shard folders the model's BatchNorm statistics are re-estimated on first (``unlabeled``)."""
     config_file: Path | None = None
     data_path: str = ""
     command: list[str] = field(default_factory=list)
@@ -116,9 +118,10 @@ def order_stages(recipe: Recipe, source: Path) -> list[StageSpec]:
                                                    f"(datasets: {sorted(recipe.datasets)})")
         if not spec.data:
             raise _fail(source, spec.name, "no 'data' (a dataset name) given")
-        if spec.unlabeled and (spec.kind == EVAL or not get_kind(spec.kind).unlabelled):
+        if spec.unlabeled and spec.kind != EVAL and not get_kind(spec.kind).unlabelled:
             readers = [k for k in kind_names() if get_kind(k).unlabelled]
-            raise _fail(source, spec.name, f"'unlabeled' only applies to kinds that read a pool ({readers})")
+            raise _fail(source, spec.name, f"'unlabeled' only applies to eval (AdaBN) and to kinds that read a pool "
+                                           f"({readers})")
     ordered: list[StageSpec] = []
     state: dict[str, str] = {}
 
@@ -297,6 +300,8 @@ def _plan_stage(recipe: Recipe, spec: StageSpec, run_dir: Path, source: Path) ->
         opts = stage.eval_options
         args = [parent_path, "--data", stage.data_path, "--split", opts.split, "--batch-size", str(opts.batch_size),
                 "--sliding" if opts.sliding else "--no-sliding", "--tile", str(opts.tile), "--out", str(folder)]
+        stage.adapt_bn = [recipe.datasets[name].path for name in spec.unlabeled]
+        args += [a for path in stage.adapt_bn for a in ("--adapt-bn", path)]
     else:
         stage.config = stage_config(recipe, spec, folder, parent_path, source)
         try:

@@ -157,7 +157,8 @@ class StageSpec:
     """Instead of ``parent``: a weights file or finished stage folder from outside this recipe."""
     unlabeled: list[str] | str = field(default_factory=list)
     """(kinds that read a pool) Datasets whose 'unlabeled' splits form the pool (default: ``data``'s; a kind that
-    reads no labels pools ``data`` with these). A single name is accepted too."""
+    reads no labels pools ``data`` with these). (eval) Datasets whose 'unlabeled' splits the model's BatchNorm
+    statistics are re-estimated on before it is measured (AdaBN, ``--adapt-bn``). A single name is accepted too."""
     label: str | None = None
     """(eval) Row label in the results table (default: the stage name)."""
     overrides: dict[str, Any] = field(default_factory=dict)

@@ -20,7 +20,8 @@ from distseg.engine.distributed import init_distributed
 from distseg.engine.metrics import ConfusionMatrix, evaluate_model, format_table
 from distseg.engine.runlog import process_age
 from distseg.stages.common import StageError
-from distseg.stages.data import data_class_map, make_loader
+from distseg.stages.config import DataConfig
+from distseg.stages.data import data_class_map, make_loader, pool_samples
 from distseg.stages.registry import EVAL, StageKind
 
 
@@ -45,6 +46,31 @@ def sliding_window_metrics(model, loader, class_map, env, tile: int, overlap: fl
     result = cm.compute()
     result["class_names"] = class_map.names
     return result
+
+
+class AdaptBN:
+    """Re-estimates a loaded model's BatchNorm statistics on the unlabelled split of some shard folders (checked
+    before any model is built), and remembers what it read for eval.json."""
+
+    def __init__(self, folders: list[str], env, batch_size: int) -> None:
+        self.folders, self.env, self.batch_size = [str(f) for f in folders], env, max(2, batch_size)
+        self.split = DataConfig.unlabeled_split
+        pool_samples(self.folders, self.split)
+        self.images = 0
+
+    def __call__(self, model) -> None:
+        from distseg.ops.adabn import reestimate_bn
+
+        loader = make_loader(self.folders, self.split, StreamConfig(), self.env, batch_size=self.batch_size,
+                             train=False)
+        try:
+            self.images = reestimate_bn(model, (b.image.to(self.env.device) for b in loader))
+        except ValueError as exc:
+            raise StageError(f"--adapt-bn {' '.join(self.folders)}: {exc}") from None
+
+    def record(self) -> dict[str, Any]:
+        """eval.json's ``adapt_bn``: what the statistics were re-estimated on."""
+        return {"folders": self.folders, "split": self.split, "images": self.images}
 
 
 LAST, BEST = "last", "best"
@@ -79,8 +105,12 @@ def same_model(headline: dict[str, Any], best: dict[str, Any]) -> bool:
 def run(model_path: str, shards: str, *, split: str = "val", sliding: bool = True, tile: int = 512,
         overlap: float = 0.25, batch_size: int = 4, out: str | None = None, model_config: str | None = None,
         classes: str | None = None, local_rank: int | None = None, device: str | None = None,
-        checkpoint: str = LAST) -> dict[str, Any]:
+        checkpoint: str = LAST, adapt_bn: list[str] | None = None) -> dict[str, Any]:
     """Write ``eval.json`` (into the stage folder, or ``out``) and print per-class tables on rank 0.
+
+    ``adapt_bn``: shard folders whose unlabelled split every measured model's BatchNorm statistics are re-estimated
+    on first (AdaBN, :mod:`distseg.ops.adabn`: the imagery to map, without its labels); eval.json's ``adapt_bn``
+    records the folders and the image count.
 
     eval.json's ``whole_tile`` (and ``sliding_window``) are the headline model's; ``checkpoint`` and ``step`` say
     which it is (None for a bare weights file), and ``best_val`` holds the best-validation model's whole-tile
@@ -90,6 +120,7 @@ def run(model_path: str, shards: str, *, split: str = "val", sliding: bool = Tru
         raise StageError(f"--checkpoint {checkpoint!r}: choose {LAST!r} or {BEST!r}")
     env = init_distributed(local_rank, device)
     data_classes = data_class_map(shards)
+    adapt = AdaptBN(adapt_bn, env, batch_size) if adapt_bn else None
     folder = Path(model_path)
     if folder.is_dir():
         headline, best = stage_models(folder, checkpoint)
@@ -105,6 +136,8 @@ def run(model_path: str, shards: str, *, split: str = "val", sliding: bool = Tru
         if class_map != data_classes:
             raise StageError(f"{model_path}: the model's classes {class_map.names} differ from the data's "
                              f"{data_classes.names} ({shards})")
+        if adapt is not None:
+            adapt(net)
         return net, class_map
 
     model, class_map = load(headline)
@@ -112,7 +145,8 @@ def run(model_path: str, shards: str, *, split: str = "val", sliding: bool = Tru
     loader = make_loader(shards, split, stream, env, batch_size=batch_size, train=False)
     no_autocast = torch.autocast(env.device.type, enabled=False)
     results = {"split": split, "shards": str(shards), "model": str(model_path), **headline,
-               "startup_s": process_age(), "whole_tile": evaluate_model(model, loader, class_map, env, no_autocast)}
+               "startup_s": process_age(), **({"adapt_bn": adapt.record()} if adapt else {}),
+               "whole_tile": evaluate_model(model, loader, class_map, env, no_autocast)}
     if sliding:
         single = make_loader(shards, split, stream, env, batch_size=1, train=False)
         results["sliding_window"] = {"tile": tile, "overlap": overlap,
@@ -166,6 +200,9 @@ def main(
                                    help="Headline model of a stage folder: 'last' (last/, the end of the fixed "
                                         "schedule: the measurement rule) or 'best' (best/, chosen by validation). "
                                         "The best-validation model is reported beside a 'last' headline anyway."),
+    adapt_bn: Optional[list[str]] = typer.Option(
+        None, "--adapt-bn", help="Shard folder (repeatable) whose unlabelled images the model's BatchNorm statistics "
+                                 "are re-estimated on before it is measured (AdaBN: the imagery to map, no labels)."),
 ) -> None:
     """Write eval.json and print per-class tables (launch with deepspeed/torchrun to split the tiles).
 
@@ -178,7 +215,8 @@ def main(
     start_watchdog()
     with reported():
         run(model, data, split=split, sliding=sliding, tile=tile, overlap=overlap, batch_size=batch_size, out=out,
-            model_config=model_config, classes=classes, local_rank=local_rank, device=device, checkpoint=checkpoint)
+            model_config=model_config, classes=classes, local_rank=local_rank, device=device, checkpoint=checkpoint,
+            adapt_bn=adapt_bn)
 
 
 KIND = StageKind(EVAL, None, parent="required", script="evaluate.py", command=app,
