@@ -118,11 +118,13 @@ def _progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[[i
 
 def predict_file(model: torch.nn.Module, class_map: ClassMapLike, path: str | Path, out_dir: str | Path,
                  cfg: PredictConfig, device: torch.device | str = "cpu", progress: bool = True,
-                 vector: VectorWriter | None = None, truth: Path | None = None) -> dict[str, Any] | None:
+                 vector: VectorWriter | None = None, truth: Path | None = None,
+                 notes: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Predict one image or GeoTIFF into ``out_dir``; returns the area summary (None off rank 0).
 
     ``vector`` (rank 0) receives the file's polygons; with ``truth`` (a ground-truth mask, ``cfg.objects``
-    set) the summary also holds the object scores.
+    set) the summary also holds the object scores; ``notes`` (what the job did to the model, e.g. ``adapt_bn``)
+    are copied into the summary.
     """
     path, out_dir = Path(path), Path(out_dir)
     paths = output_paths(out_dir, path, cfg)
@@ -138,6 +140,7 @@ def predict_file(model: torch.nn.Module, class_map: ClassMapLike, path: str | Pa
     if summary is not None and truth is not None:
         summary["objects"] = score_file(paths["mask"], truth, class_map, cfg.objects)
     if summary is not None:
+        summary.update(notes or {})
         write_summary(summary, paths["summary"])
     return summary
 
@@ -181,6 +184,19 @@ def _predict_reader(model: torch.nn.Module, class_map: ClassMapLike, reader: Rea
     return counter.summary(reader.path, reader.height, reader.width, class_map.names, class_map.ignore_index, area)
 
 
+def _adapt_bn(model: torch.nn.Module, files: list[Path], cfg: PredictConfig, device: torch.device,
+             progress: bool) -> dict[str, int]:
+    """``--adapt-bn``: the model's BatchNorm statistics re-estimated on the inputs' windows (inference/adapt.py),
+    this rank's share of them; returns the record each summary keeps."""
+    from distseg.inference.adapt import adapt_to_inputs, plan_windows
+    from distseg.inference.windows import shard
+
+    mine = shard(plan_windows(files, cfg), dist.rank(), dist.world_size())
+    with _progress_bar(progress and dist.rank() == 0, len(mine), "AdaBN statistics") as advance:
+        windows = adapt_to_inputs(model, mine, cfg, device, advance)
+    return {"windows": windows, "inputs": len(files)}
+
+
 def _check_extras(files: list[Path], class_map: ClassMapLike, out_dir: Path, cfg: PredictConfig) -> dict[Path, Path]:
     """Check what --vector, --cog and --truth/--objects need before any output exists; returns the ground-truth
     mask of each input (empty without ``cfg.objects``)."""
@@ -219,11 +235,12 @@ def predict_paths(model: torch.nn.Module, class_map: ClassMapLike, inputs: Seque
     truths = _check_extras(files, class_map, out_dir, cfg)
     model = model.to(device).eval()
     check_model(model, class_map, device)
+    notes = {"adapt_bn": _adapt_bn(model, files, cfg, device, progress)} if cfg.adapt_bn else {}
     vector = VectorWriter(cfg.vector, class_map.names) if cfg.vector is not None and dist.rank() == 0 else None
     summaries = []
     try:
         for f in files:
-            summary = predict_file(model, class_map, f, out_dir, cfg, device, progress, vector, truths.get(f))
+            summary = predict_file(model, class_map, f, out_dir, cfg, device, progress, vector, truths.get(f), notes)
             if summary is not None:
                 summaries.append(summary)
         if vector is not None:

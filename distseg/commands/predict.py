@@ -74,6 +74,8 @@ def predict(
                              "mode-resampled overviews."),
     georef_from_name: bool = typer.Option(False, "--georef-from-name", help="Georeference PNG/JPEG web-map tile "
                                           "chips named ...<x>-<y>-<z> (EPSG:3857); their outputs become GeoTIFFs."),
+    adapt_bn: bool = typer.Option(False, "--adapt-bn", help="Re-estimate the model's BatchNorm statistics on "
+                                  "the inputs first (AdaBN): for imagery of another place than the labels."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="Folder of ground-truth masks named like the inputs; "
                                          "with --objects, scores the predictions."),
     objects: Optional[str] = typer.Option(None, "--objects", help="Class whose objects are counted against "
@@ -90,7 +92,8 @@ def predict(
                             chunk_width=chunk_width, bands=_parse_bands(bands), scale=scale, color=color,
                             overlay=overlay, confidence=confidence, force=force, max_pixels=max_pixels,
                             vector=_vector_config(vector, vector_classes, simplify, min_area, fill_holes, regularize),
-                            cog=cog, georef_from_name=georef_from_name, objects=_objects_config(truth, objects))
+                            cog=cog, georef_from_name=georef_from_name, objects=_objects_config(truth, objects),
+                            adapt_bn=adapt_bn)
     except ValueError as exc:
         _fail(describe(exc))
     with reported():
@@ -98,6 +101,9 @@ def predict(
     if rank == 0 and not quiet:
         for summary in summaries if len(summaries) <= _TABLES_MAX else [combine(summaries)]:
             print_summary(summary)
+        if cfg.adapt_bn and summaries:
+            typer.echo(f"BatchNorm statistics re-estimated on {summaries[0]['adapt_bn']['windows']} windows of "
+                       f"{summaries[0]['adapt_bn']['inputs']} input(s) (--adapt-bn)")
         typer.echo(f"wrote {len(summaries)} prediction(s) to {out} (per-file areas in <name>_summary.json)")
         if cfg.vector is not None:
             typer.echo(f"wrote polygons to {cfg.vector.path}")

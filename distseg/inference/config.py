@@ -57,6 +57,9 @@ class PredictConfig:
     georef_from_name: bool = False
     """Place PNG/JPEG chips named ``...<x>-<y>-<z>`` on their web-map tile (EPSG:3857); their outputs are then
     GeoTIFFs."""
+    adapt_bn: bool = False
+    """Re-estimate the model's BatchNorm statistics on the inputs before predicting them (AdaBN, one forward pass
+    per non-overlapping window): for imagery of another place than the labels (inference/adapt.py)."""
     objects: ObjectsConfig | None = None
     """Score the predictions against ground-truth masks, per object and per pixel (``--truth``, ``--objects``)."""
 
