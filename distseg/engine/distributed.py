@@ -6,6 +6,7 @@ and offers the few collectives the stages need.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -61,7 +62,18 @@ def init_distributed(local_rank: int | None = None, device: str | None = None, *
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    atexit.register(_destroy_at_exit)
     return DistEnv(rank=dist.get_rank(), local_rank=lrank, world_size=dist.get_world_size(), device=dev)
+
+
+def _destroy_at_exit() -> None:
+    """Tear the group down before the interpreter does.
+
+    A gloo group left to interpreter shutdown destroys its worker threads in arbitrary order, which now and then
+    aborts the process ("terminate called without an active exception") after its work finished successfully.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:
