@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from distseg.inference.adapt import plan_windows
+from distseg.inference.sliding import mirror_pad
 from distseg.ops.adabn import batchnorm_layers, reestimate_bn
 from distseg.predict import PredictConfig, PredictError, predict_array, predict_paths
 from tests.test_predict import random_image, tiny_class_map
@@ -81,3 +82,42 @@ def test_inputs_without_two_valid_windows_are_one_error(tmp_path):
         predict_paths(model, tiny_class_map(3), [tmp_path / "one.png"], tmp_path / "out", cfg, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_mirror_pad_reflects_the_cut_window_out_to_the_model_size():
+    pixels = np.arange(2 * 3 * 3).reshape(2, 3, 3)
+    padded = mirror_pad(pixels, 4, 5)
+    rows = [0, 1, 1, 0]  # symmetric: the edge pixel is repeated, then the one before it
+    cols = [0, 1, 2, 2, 1]
+    assert np.array_equal(padded, pixels[rows][:, cols])
+    assert mirror_pad(pixels, 2, 3) is pixels
+
+
+def test_each_window_is_read_once(tmp_path, monkeypatch):
+    """Validity and pixels of an adaptation window are each read once (a GeoTIFF read is I/O)."""
+    import distseg.inference.adapt as adapt
+
+    image = random_image(64, 96, seed=5)
+    image[image == 0] = 1
+    path = write_geotiff(tmp_path / "ortho.tif", image, nodata=0)
+    cfg = PredictConfig(tile=32, batch_size=4, adapt_bn=True)
+    calls = {"read": 0, "read_valid": 0}
+    opened = adapt.open_reader
+
+    def counting_reader(*args, **kwargs):
+        reader = opened(*args, **kwargs)
+        for name in calls:
+            method = getattr(reader, name)
+
+            def counted(*a, _method=method, _name=name):
+                calls[_name] += 1
+                return _method(*a)
+            setattr(reader, name, counted)
+        return reader
+
+    monkeypatch.setattr(adapt, "open_reader", counting_reader)
+    windows = plan_windows([path], cfg)
+    batches = list(adapt.window_batches(windows, cfg, torch.device("cpu")))
+    assert sum(len(b) for b in batches) == len(windows) == 6
+    assert calls == {"read": 6, "read_valid": 6}
+    torch.testing.assert_close(batches[0][0], torch.from_numpy(image[:32, :32]).permute(2, 0, 1).float() / 255)

@@ -25,7 +25,7 @@ import torch
 from distseg.inference.config import PredictConfig
 from distseg.inference.errors import PredictError
 from distseg.inference.raster import gdal_env, open_reader
-from distseg.inference.sliding import WindowPlan, read_padded
+from distseg.inference.sliding import WindowPlan, mirror_pad
 from distseg.inference.windows import window_starts
 
 
@@ -65,7 +65,7 @@ def window_batches(windows: Sequence[Window], cfg: PredictConfig, device: torch.
                 for win in group:
                     hh, ww = min(win.h, reader.height - win.y), min(win.w, reader.width - win.x)
                     if reader.read_valid(win.y, win.x, hh, ww).all():
-                        pixels, _ = read_padded(reader, win.y, win.x, win.h, win.w)
+                        pixels = mirror_pad(reader.read(win.y, win.x, hh, ww), win.h, win.w)
                         batch = pending.setdefault((win.h, win.w), [])
                         batch.append(pixels.astype(np.float32) / reader.scale)
                         if len(batch) == size:

@@ -73,13 +73,18 @@ class WindowPlan:
         return per_row * len(self.ys)
 
 
+def mirror_pad(pixels: np.ndarray, h: int, w: int) -> np.ndarray:
+    """A window's pixels cut short by the raster edge, mirrored out to ``h`` × ``w`` (the model's input size)."""
+    hh, ww = pixels.shape[:2]
+    if (hh, ww) == (h, w):
+        return pixels
+    return np.pad(pixels, ((0, h - hh), (0, w - ww), (0, 0)), mode="symmetric")
+
+
 def read_padded(reader: Reader, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, bool]:
     """Window pixels (mirrored past the raster edge) and whether any of them is valid."""
     hh, ww = min(h, reader.height - y), min(w, reader.width - x)
-    pixels = reader.read(y, x, hh, ww)
-    if (hh, ww) != (h, w):
-        pixels = np.pad(pixels, ((0, h - hh), (0, w - ww), (0, 0)), mode="symmetric")
-    return pixels, bool(reader.read_valid(y, x, hh, ww).any())
+    return mirror_pad(reader.read(y, x, hh, ww), h, w), bool(reader.read_valid(y, x, hh, ww).any())
 
 
 class SlidingWindow:
