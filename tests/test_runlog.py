@@ -87,3 +87,24 @@ def test_the_first_step_records_and_prints_the_start_up(tmp_path):
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["step"] == 4 and 0 < record["startup_s"] <= process_age()
     assert stream.getvalue() == f"{tmp_path.name}: step 5 starts {record['startup_s']:.1f} s after the process started\n"
+
+
+def test_a_resumed_log_keeps_the_steps_its_checkpoint_holds_and_drops_the_rest(tmp_path):
+    """Killed after the step-5 checkpoint with steps 6-8 logged and step 9 half-written: the resumed run logs 6-8
+    again, so those old lines (and the torn one) go; a line without a step and the step-5 lines stay."""
+    lines = [json.dumps({"step": s, "loss": float(s)}) for s in range(1, 9)]
+    lines.insert(5, json.dumps({"step": 5, "eval": {"score": 0.5}}))
+    lines.insert(0, json.dumps({"note": "no step"}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "lo')
+    log = RunLog(tmp_path, CPU, total=10, start=5, every_s=0.0, stream=io.StringIO())
+    log.write({"step": 6, "loss": 0.0})
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in records] == [None, 1, 2, 3, 4, 5, 5, 6]
+    assert records[-1]["loss"] == 0.0
+
+
+def test_only_rank_0_rewrites_the_log(tmp_path):
+    text = "\n".join(json.dumps({"step": s}) for s in range(1, 9)) + "\n"
+    (tmp_path / "metrics.jsonl").write_text(text)
+    RunLog(tmp_path, DistEnv(1, 1, 2, torch.device("cpu")), total=10, start=5, every_s=0.0, stream=io.StringIO())
+    assert (tmp_path / "metrics.jsonl").read_text() == text

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from distseg.engine.checkpoint import write_text_atomic
 from distseg.engine.distributed import DistEnv
 
 
@@ -47,6 +48,28 @@ def scalar_events(prefix: str, values: dict[str, Any], step: int,
                     yield f"{tag}/{label}", float(v), step
 
 
+def keep_through(path: Path, step: int) -> None:
+    """Drop the metrics.jsonl lines of steps after ``step``, where a resumed run starts again.
+
+    A run killed after its step-500 checkpoint may have logged steps 510-580 before it died; the resumed run takes
+    those steps again and logs them anew. Without this the file would hold two records of each, one from weights the
+    checkpoint never kept. A half-written last line (a kill mid-write) goes too, instead of spoiling the next one.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    if kept != lines:
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
 PLAIN_EVERY_S = 30.0
 """Seconds between plain progress lines when stdout is not a terminal (a cluster job's log, nohup, a pipe)."""
 
@@ -72,6 +95,8 @@ class RunLog:
                  every_s: float = PLAIN_EVERY_S, stream: TextIO | None = None) -> None:
         self.env, self.name, self.total = env, folder.name, total
         self.path = folder / "metrics.jsonl"
+        if env.is_main:
+            keep_through(self.path, start)
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
         self.stream = stream if stream is not None else sys.stdout
         self.plain = env.is_main and not self.stream.isatty()
