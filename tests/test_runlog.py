@@ -103,6 +103,12 @@ def test_a_resumed_log_keeps_the_steps_its_checkpoint_holds_and_drops_the_rest(t
     assert records[-1]["loss"] == 0.0
 
 
+def test_a_last_line_cut_before_its_newline_gets_one_before_the_next_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}')
+    RunLog(tmp_path, CPU, total=10, start=2, every_s=0.0, stream=io.StringIO()).write({"step": 3})
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+
+
 def test_only_rank_0_rewrites_the_log(tmp_path):
     text = "\n".join(json.dumps({"step": s}) for s in range(1, 9)) + "\n"
     (tmp_path / "metrics.jsonl").write_text(text)

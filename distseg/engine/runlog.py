@@ -53,21 +53,23 @@ def keep_through(path: Path, step: int) -> None:
 
     A run killed after its step-500 checkpoint may have logged steps 510-580 before it died; the resumed run takes
     those steps again and logs them anew. Without this the file would hold two records of each, one from weights the
-    checkpoint never kept. A half-written last line (a kill mid-write) goes too, instead of spoiling the next one.
+    checkpoint never kept. A half-written last line (a kill mid-write) goes too, and a whole one that lost its newline
+    gets it back, so the next record starts a line of its own.
     """
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    if kept != lines:
-        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    text = path.read_text()
+    kept = "".join(f"{line}\n" for line in text.splitlines() if _logged_step(line) <= step)
+    if kept != text:
+        write_text_atomic(path, kept)
+
+
+def _logged_step(line: str) -> float:
+    """The step a metrics.jsonl line records (0 without one); infinity for a torn line, so that it is dropped."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 PLAIN_EVERY_S = 30.0
