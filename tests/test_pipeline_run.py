@@ -80,6 +80,9 @@ def test_run_writes_results_for_every_eval_stage(first_run):
     timings = json.loads((out / "timings.json").read_text())
     assert float(rows[1]["chain_cpu_seconds"]) == pytest.approx(timings["head"]["cpu"] + timings["kd"]["cpu"], rel=1e-4)
     assert timings["kd"]["cpu"] > 1.0, "the stage process's CPU time is counted"
+    cost = json.loads((out / "kd" / "stage.json").read_text())["cost"]
+    assert timings["kd"] == {"wall": cost["wall_s"], "cpu": cost["cpu_s"]}, "the stage's own record of its cost"
+    assert [(p["from_step"], p["to_step"]) for p in cost["pieces"]] == [(0, 2)]
     assert "| teacher | head |" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 1000
 

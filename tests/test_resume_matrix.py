@@ -94,6 +94,8 @@ def test_kill_and_resume_matches_the_uninterrupted_run(runs, target_shards, init
     done, reference = stage_record(killed), stage_record(straight)
     assert done["finished"] and done["steps"] == reference["steps"] == STEPS and done["world_size"] == world
     assert done["rank_divergence"] == {"student": 0.0}
+    pieces = [(p["from_step"], p["to_step"]) for p in done["cost"]["pieces"]]
+    assert pieces == [(0, pieces[0][1]), (pieces[0][1], STEPS)] and pieces[0][1] >= KILL_AFTER, pieces
     a, b = load_file(str(straight / "last" / "model.safetensors")), load_file(str(killed / "last" / "model.safetensors"))
     assert a.keys() == b.keys()
     diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)

@@ -120,6 +120,11 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, target_shards, in
     kill_after_checkpoint([sys.executable, str(REPO / "launch" / script), *args, "--out", str(killed)], killed)
     launch(script, *args, "--out", str(killed), "--resume")
     assert stage_record(killed)["finished"] and stage_record(killed)["steps"] == 10
+    whole = [(p["from_step"], p["to_step"]) for p in stage_record(tmp_path / "straight")["cost"]["pieces"]]
+    pieces = [(p["from_step"], p["to_step"]) for p in stage_record(killed)["cost"]["pieces"]]
+    assert whole == [(0, 10)] and len(pieces) == 2, "the killed run's cost counts both of its pieces"
+    assert pieces[0][0] == 0 and pieces[0][1] == pieces[1][0] >= 4 and pieces[1][1] == 10
+    assert stage_record(killed)["cost"]["complete"]
     for name in exports:  # for ssl: the EMA teacher and the student
         assert _max_diff(tmp_path / "straight" / "last" / name, killed / "last" / name) < 1e-6, name
     lrs = [m["lr"] for m in _metrics(killed) if "lr" in m]

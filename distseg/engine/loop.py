@@ -18,6 +18,7 @@ import torch
 
 from distseg.data.batch import Batches
 from distseg.engine import checkpoint as ckpt
+from distseg.engine.cost import StageCost
 from distseg.engine.distributed import (DistEnv, barrier, broadcast_object, gather_objects, rank_divergence,
                                         sum_counts)
 from distseg.engine.finite import NonFiniteError, StepGuard, nonfinite_modules
@@ -176,6 +177,8 @@ class Loop:
         self.corrupt = {name: 0 for name in self.streams}
         """Corrupt samples skipped so far, summed over ranks, by stream."""
         self._corrupt_local = {name: 0 for name in self.streams}
+        self.cost = StageCost()
+        """The cost of the steps so far, over every piece of an interrupted run."""
         self.ckpt_dir = folder / "checkpoint"
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -199,7 +202,8 @@ class Loop:
             shutil.rmtree(tag_dir)
         barrier()
         client = {"step": self.step, "best": self.best, "skipped": self.skipped, "corrupt": self.corrupt,
-                  "streams": {name: s.state() for name, s in self.streams.items()}}
+                  "streams": {name: s.state() for name, s in self.streams.items()},
+                  "cost": self.cost.snapshot(self.step)}
         problem = None
         try:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
@@ -255,11 +259,13 @@ class Loop:
             step, best = int(client["step"]), client["best"]
             skipped, corrupt = int(client.get("skipped", 0)), dict(client.get("corrupt", {}))
             states = {name: client["streams"][name] for name in self.streams}
+            carried = client.get("cost")
             _set_rng_state(ckpt.safe_load(tag_dir / f"rng_rank{self.env.rank}.pt"))
             self.task.state.load(tag_dir)
         except Exception as exc:  # a readable file with the wrong content: this tag is unusable
             return f"{tag_dir}: {type(exc).__name__}: {exc}"
         self.step, self.best, self.skipped = step, best, skipped
+        self.cost.resume_from(carried, step)
         self.corrupt = {name: int(corrupt.get(name, 0)) for name in self.streams}
         for name, stream in self.streams.items():
             stream.load_state(states[name])
@@ -371,8 +377,9 @@ def _first(problems: list[str | None]) -> str | None:
 
 def finalize(loop: Loop, fisher) -> None:
     """Put the best weights (the last ones when the task does not validate) at the folder root, compute the Fisher
-    (``fisher(folder)``, rank 0, or None), run the task's final work and mark the stage finished. The loop's final
-    checkpoint, just before, has checked that the weights are finite."""
+    (``fisher(folder)``, rank 0, or None), run the task's final work and mark the stage finished with what its
+    schedule cost over every piece (:mod:`distseg.engine.cost`). The loop's final checkpoint, just before, has
+    checked that the weights are finite."""
     folder, task, env, record = loop.folder, loop.task, loop.env, loop.record
     if env.is_main:
         task.export(folder / "last")
@@ -385,9 +392,10 @@ def finalize(loop: Loop, fisher) -> None:
     barrier()
     task.finish(folder)
     divergence = {name: rank_divergence(module) for name, module in task.state.replicas().items()}
+    cost = loop.cost.snapshot(loop.step)
     if env.is_main:
         record.update(finished=True, steps=loop.step, best_step=loop.best["step"],
                       metrics=loop.best["metrics"] or {}, rank_divergence=divergence, skipped_steps=loop.skipped,
-                      corrupt_samples=loop.corrupt)
+                      corrupt_samples=loop.corrupt, cost=cost)
         ckpt.write_json_atomic(folder / ckpt.STAGE_JSON, record)
     barrier()

@@ -112,9 +112,21 @@ def summarise(rows: list[ResultRow]) -> list[SummaryRow]:
 
 
 def load_timings(run_dir: Path) -> dict[str, dict[str, float]]:
-    """Stage name -> {"wall": s, "cpu": s} of its last real run (skipped stages keep theirs)."""
+    """Stage name -> {"wall": s, "cpu": s}: what each stage that ran cost (:func:`stage_timing`); skipped stages
+    keep theirs."""
     path = run_dir / TIMINGS
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def stage_timing(folder: Path, seconds: float, cpu: float) -> dict[str, float]:
+    """A stage's entry in timings.json once it has run: the cost its record gives for the whole schedule (every
+    piece of an interrupted and resumed run, every rank: :mod:`distseg.engine.cost`) when that goes back to step 0,
+    else ``seconds`` and ``cpu`` as the runner measured this invocation (evaluations; stages resumed from
+    checkpoints written before costs were recorded)."""
+    cost = ckpt.read_stage(folder).get("cost") if (folder / ckpt.STAGE_JSON).is_file() else None
+    if cost and cost.get("complete"):
+        return {"wall": cost["wall_s"], "cpu": cost["cpu_s"]}
+    return {"wall": seconds, "cpu": cpu}
 
 
 def save_timings(run_dir: Path, timings: dict[str, dict[str, float]]) -> None:

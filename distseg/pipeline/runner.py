@@ -10,7 +10,8 @@ from distseg.engine.runlog import PLAIN_EVERY_S, progress_line
 from distseg.pipeline.launch import LOG_NAME, decide, log_tail, run_process, write_stage_config
 from distseg.pipeline.plan import Plan, PlannedStage, build_plan
 from distseg.pipeline.recipe import RecipeError, load_recipe, locate_recipe
-from distseg.pipeline.results import collect_rows, load_timings, rich_table, save_timings, write_results
+from distseg.pipeline.results import (collect_rows, load_timings, rich_table, save_timings, stage_timing,
+                                     write_results)
 
 
 class StageFailed(RuntimeError):
@@ -148,7 +149,7 @@ def run_stages(plan: Plan, console, stages: list[PlannedStage]) -> None:
                 raise StageFailed(stage.name, code, log, log_tail(log))
             rerun.add(stage.name)
             if leader:
-                timings[stage.name] = {"wall": seconds, "cpu": cpu}
+                timings[stage.name] = stage_timing(stage.folder, seconds, cpu)
                 save_timings(plan.run_dir, timings)
             progress.update(task, completed=steps, info=f"done in {seconds:.0f} s ({cpu:.0f} CPU s)")
 
