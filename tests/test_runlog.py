@@ -61,10 +61,13 @@ def test_distseg_run_prints_plain_stage_lines_into_a_log_file():
         a = progress.add_task("ft.s0 (finetune)", total=100, info="start")
         progress.update(a, completed=10, info="loss 0.900")   # the first poll is printed
         progress.update(a, completed=11, info="loss 0.890")   # throttled
+        progress.update(a, completed=100, info="loss 0.500")  # the last step is printed once,
+        progress.update(a, completed=100, info="loss 0.500")  # not at every poll while the stage finishes
         progress.update(a, completed=100, info="done in 50 s (49 CPU s)")
         b = progress.add_task("ssl.s0 (ssl)", total=50, info="start")
         progress.update(b, info="[red]failed (exit 1)")
     assert out.getvalue().splitlines() == ["ft.s0 (finetune): step 10/100 loss 0.900",
+                                           "ft.s0 (finetune): step 100/100 loss 0.500",
                                            "ft.s0 (finetune): step 100/100 done in 50 s (49 CPU s)",
                                            "ssl.s0 (ssl): step 0/50 failed (exit 1)"]
 

@@ -106,12 +106,13 @@ class PlainProgress:
     def update(self, task: int, completed: int | None = None, info: str | None = None) -> None:
         t, now = self.tasks[task], time.monotonic()
         new_state = info is not None and info != t["info"] and completed in (None, t["completed"])
+        reached = completed is not None and completed >= t["total"] > t["completed"]  # once, not at every poll
         if completed is not None:
             if t["first"] is None and completed > 0:
                 t["first"] = (now, completed)
             t["completed"] = completed
         t["info"] = info if info is not None else t["info"]
-        if new_state or t["completed"] >= t["total"] or now - t["printed"] >= self.every_s:
+        if new_state or reached or now - t["printed"] >= self.every_s:
             t["printed"] = now
             elapsed, done = (now - t["first"][0], t["completed"] - t["first"][1]) if t["first"] else (0.0, 0)
             text = progress_line(t["name"], t["completed"], t["total"], t["info"], elapsed, done)
