@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from distseg.engine import checkpoint as ckpt
-from distseg.engine.cost import StageCost, process_tree_cpu, process_wall
+from distseg.engine.cost import StageCost, process_tree_cpu
+from distseg.engine.runlog import process_age
 from distseg.pipeline.results import stage_timing
 
 BURN = """
@@ -42,7 +43,7 @@ def test_a_workers_cpu_is_counted_while_it_runs_and_once_after_it_is_reaped(tmp_
         child.kill()
         child.wait()
     reaped = process_tree_cpu()
-    assert live - before >= 0.6, "a live child's CPU is part of the tree's"
+    assert live - before >= 0.55, "a live child's CPU is part of the tree's (the kernel counts it in 10 ms ticks)"
     assert reaped - live == pytest.approx(0.0, abs=0.15), "reaping moves its time into ours: counted once"
 
 
@@ -51,7 +52,7 @@ def test_pieces_carry_across_a_resume():
     one = first.snapshot(4)
     assert one["complete"] and [(p["from_step"], p["to_step"]) for p in one["pieces"]] == [(0, 4)]
     assert one["cpu_s"] == one["pieces"][0]["cpu_s"] > 0
-    assert 0 < one["wall_s"] <= process_wall() + 1e-3
+    assert 0 < one["wall_s"] <= process_age() + 0.01
 
     resumed = StageCost()
     resumed.resume_from(json.loads(json.dumps(one)), 4)  # as a checkpoint's client state carries it

@@ -19,12 +19,12 @@ not what an interruption wasted.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import psutil
 
 from distseg.engine.distributed import gather_objects
+from distseg.engine.runlog import process_age
 
 
 def process_tree_cpu() -> float:
@@ -40,11 +40,6 @@ def process_tree_cpu() -> float:
             continue
         total += t.user + t.system + t.children_user + t.children_system
     return total
-
-
-def process_wall() -> float:
-    """Seconds since this process started."""
-    return max(0.0, time.time() - psutil.Process().create_time())
 
 
 class StageCost:
@@ -63,7 +58,7 @@ class StageCost:
 
     def snapshot(self, step: int) -> dict[str, Any]:
         """Collective: the cost of the steps up to ``step`` (earlier pieces and this process's so far)."""
-        mine = gather_objects((process_tree_cpu(), process_wall()))
+        mine = gather_objects((process_tree_cpu(), process_age()))
         current = {"from_step": self.from_step, "to_step": step, "cpu_s": round(sum(c for c, _ in mine), 3),
                    "wall_s": round(max(w for _, w in mine), 3)}
         pieces = [*self.pieces, current]

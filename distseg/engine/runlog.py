@@ -13,17 +13,20 @@ from distseg.engine.checkpoint import write_text_atomic
 from distseg.engine.distributed import DistEnv
 
 
-def process_age() -> float | None:
+def process_age() -> float:
     """Seconds since this process started (interpreter start-up and imports included), from the kernel's record of
-    its start time; None where there is no /proc. A recipe launches one process per stage, so this is the price each
-    one pays before its first step (torch, DeepSpeed and timm imports, then distseg's own set-up)."""
+    its start time. A recipe launches one process per stage, so this is the price each one pays before its first
+    step (torch, DeepSpeed and timm imports, then distseg's own set-up). Without /proc, psutil's start time (whole
+    seconds of boot time on some systems, so less exact)."""
     try:
         with open("/proc/self/stat") as f:
             started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks after boot
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
     except (OSError, ValueError, IndexError):
-        return None
+        import psutil
+
+        return round(max(0.0, time.time() - psutil.Process().create_time()), 2)
     return round(uptime - started / os.sysconf("SC_CLK_TCK"), 2)
 
 
@@ -137,9 +140,9 @@ class RunLog:
     def starting(self, step: int) -> None:
         """This process is about to take its first step (``step`` + 1): record in metrics.jsonl (``startup_s``)
         and print how long after the process started that is: its start-up."""
-        age = process_age()
-        if age is None or not self.env.is_main:
+        if not self.env.is_main:
             return
+        age = process_age()
         self.write({"step": step, "startup_s": age})
         print(f"{self.name}: step {step + 1} starts {age:.1f} s after the process started", file=self.stream,
               flush=True)
