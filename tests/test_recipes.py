@@ -188,6 +188,10 @@ def test_oam_transfer_pools_the_target_imagery_and_tests_on_the_target(tmp_path)
         assert stages["eval_ft_adabn.s1"].adapt_bn == list(pool) and stages["eval_ft_adabn.s1"].parent_path == \
             stages["eval_ft_adabn_target.s1"].parent_path == str(stages["ft.s1"].folder)
         assert stages["eval_ft_adabn_target.s1"].adapt_bn == [datasets["target_pool"].path]
+        # (i)/(j): (f) and (c) measured after the same target-only AdaBN
+        for name, parent in (("eval_ft_poolbn_adabn_target", "ft_poolbn"), ("eval_ft_ssl_adabn_target", "ft_ssl")):
+            assert stages[f"{name}.s1"].adapt_bn == [datasets["target_pool"].path]
+            assert stages[f"{name}.s1"].parent_path == str(stages[f"{parent}.s1"].folder)
         assert all(s.eval_options.split == "test" for s in evals)
         # MKD: the Dubai hop runs once for every seed; each seed's Nairobi head starts from that one student
         assert [s.name for s in plan.stages if s.name.startswith("dubai_")] == ["dubai_teacher", "dubai_student",
