@@ -194,3 +194,24 @@ def test_unlabelled_split_with_sample_fraction(tmp_path):
         keys += batch.key
     chosen = {r.key for refs in build_loader(tmp_path / "out", "unlabeled", cfg).stream.samples for r in refs}
     assert set(keys) == chosen and 10 <= len(chosen) <= 30
+
+
+def test_a_pool_of_several_folders_names_each_sample_s_folder(tmp_path):
+    """``Batch.source`` is the index of the folder each sample came from (what the guard rail tracks per source),
+    through worker processes and shuffling."""
+    folders = []
+    for i, n in enumerate((9, 5)):
+        src = write_dataset(tmp_path / f"src{i}", 2, 24, seed=i, n_unlabeled=n)
+        for f in (src / "unlabeled").iterdir():  # distinct keys per folder
+            f.rename(f.with_name(f"site{i}_{f.name}"))
+        shard_dataset(tmp_path / f"out{i}", unlabeled=src / "unlabeled", shard_size=3)
+        folders.append(tmp_path / f"out{i}")
+    keys_of = [{r.key for refs in build_loader(f, "unlabeled").stream.samples for r in refs} for f in folders]
+    cfg = StreamConfig(batch_size=4, num_workers=2, augment=AugmentConfig(crop_size=16))
+    seen = Counter()
+    for batch in build_loader(folders, "unlabeled", cfg):
+        assert batch.source.dtype == torch.int64 and batch.source.shape == (len(batch.key),)
+        for key, source in zip(batch.key, batch.source.tolist()):
+            assert key in keys_of[source]
+            seen[source] += 1
+    assert seen[0] >= 9 and seen[1] >= 5

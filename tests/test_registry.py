@@ -250,6 +250,48 @@ def test_the_class_balance_guard_rail_reaches_the_loss_dict_and_the_checkpoint(t
     assert torch.equal(resumed.balance.share, task.balance.share)
 
 
+@pytest.mark.parametrize("by_source", [True, False])
+def test_the_guard_rail_tracks_each_pool_folder_on_its_own(by_source):
+    """With a pool of two folders the rail keeps one share per folder, fed by the pixels of that folder's samples
+    (CutMix boxes carry their sample's folder), logs one ratio per folder by name and damps by the worst; with
+    balance_by_source off it keeps one share over the pool, as before."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from distseg.models import ModelConfig
+
+    torch.manual_seed(0)
+    parent = Parent(model_cfg=ModelConfig(**TINY_MODEL, num_classes=3), weights=None, class_map=None)
+    ctx = _ctx("ssl", parent, tau=0.0, balance_bound=2.0, balance_momentum=0.0, balance_by_source=by_source)
+    ctx.cfg.data = dataclasses.replace(ctx.cfg.data, unlabeled=["runs/x/nairobi", "runs/x/target_pool"])
+    ctx.data = SimpleNamespace(manifest={"splits": {"train": {"class_pixels": {"a": 60, "b": 30, "c": 10}}}})
+    task = get_kind("ssl").task(ctx)
+    task.bind(task.build().module)
+    image = _batch(b=4).image
+    box = torch.zeros(4, 32, 32, dtype=torch.bool)
+    box[1, :8, :8] = True
+    unl = Batch(key=list("wxyz"), image=image, image_strong=image.flip(-1), source=torch.tensor([0, 1, 1, 0]),
+                cutmix_box=box, cutmix_index=torch.tensor([3, 0, 1, 2]))
+    t = task.pseudo_targets(unl)
+    losses = task.step(Batches(labelled=_batch(), unlabelled=unl))
+    pl, target = t.pseudo, torch.tensor([0.6, 0.3, 0.1])
+    groups = [[0, 3], [1, 2]] if by_source else [[0, 1, 2, 3]]
+    ratios = []
+    for rows in groups:
+        hist = torch.stack([((pl.labels[rows] == c) & pl.keep[rows]).sum() for c in range(3)]).float()
+        ratios.append((hist / hist.sum()).clamp_min(1e-6) / target)
+    if by_source:
+        assert task.sources == ["nairobi", "target_pool"]
+        torch.testing.assert_close(losses["class_share_ratio/nairobi"], ratios[0])
+        torch.testing.assert_close(losses["class_share_ratio/target_pool"], ratios[1])
+        assert t.source[1, 0, 0] == 0 and t.source[1, 20, 20] == 1, "the pasted box is sample 0's, from nairobi"
+    else:
+        assert "class_share_ratio/nairobi" not in losses
+        torch.testing.assert_close(losses["class_share_ratio"], ratios[0])
+    worst = max(float(torch.maximum(r, 1 / r).max()) for r in ratios)
+    assert float(losses["balance_damping"]) == pytest.approx(min(1.0, 2.0 / worst), rel=1e-5)
+
+
 @pytest.mark.parametrize("lambda_u", [1.0, 0.0])
 def test_bn_stats_pool_makes_the_running_statistics_follow_the_pool_alone(lambda_u):
     """With ssl.bn_stats=pool the student's BN running statistics after a step are exactly those of one train-mode

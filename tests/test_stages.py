@@ -26,8 +26,10 @@ def chain(tmp_path_factory, target_shards, init_weights):
     common = ["--config", str(cfg), "--data", str(target_shards), "--ds_config", "ds_configs/zero1_fp32.json"]
     launch("finetune_head.py", *common, "--out", str(tmp / "head"), "--parent", str(init_weights), nproc=2)
     launch("distill.py", *common, "--out", str(tmp / "distill"), "--teacher", str(tmp / "head"), nproc=2)
+    # a pool of two folders (the same one twice: sources named by position) with the per-source guard rail
     launch("ssl.py", *common, "--out", str(tmp / "ssl"), "--init", str(tmp / "distill"),
-           "--set", "ssl.tau=0.5", nproc=2)
+           "--unlabeled", str(target_shards), "--unlabeled", str(target_shards),
+           "--set", "ssl.tau=0.5", "--set", "ssl.balance_bound=4.0", nproc=2)
     launch("pretrain_mim.py", *common, "--out", str(tmp / "mim"), "--parent", str(init_weights),
            "--set", "mim.patch_size=16", nproc=2)
     return tmp
@@ -61,6 +63,8 @@ def test_ssl_logs_pseudo_label_statistics(chain):
     last = logged[-1]
     assert 0.0 <= last["kept_fraction"] <= 1.0 and 0.0 <= last["entropy"] <= 1.0
     assert len(last["class_hist"]) == 6
+    ratios = [last[f"class_share_ratio/{i}"] for i in range(2)]  # one per pool folder, all-reduced over the 2 ranks
+    assert all(len(r) == 6 and min(r) > 0 for r in ratios) and 0 < last["balance_damping"] <= 1
     evals = [m["eval"] for m in _metrics(chain / "ssl") if "eval" in m]
     assert evals and all({"teacher", "student"} <= set(e) for e in evals)
     assert (chain / "ssl" / "student.safetensors").is_file()

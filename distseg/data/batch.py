@@ -26,6 +26,8 @@ class Batch:
     """B×H×W bool: where the strong view holds a box pasted from sample ``cutmix_index``."""
     cutmix_index: torch.Tensor | None = None
     """B: the sample each box was taken from."""
+    source: torch.Tensor | None = None
+    """B int64: which of the loader's shard folders each sample was read from, in the order they were given."""
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         """A copy with every tensor on ``device``."""

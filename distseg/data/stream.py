@@ -148,10 +148,13 @@ class ShardStream(IterableDataset):
     def __init__(self, shard_dirs: list[Path], split: str, cfg: StreamConfig, rank: int, world_size: int,
                  train: bool, views: tuple[str, ...]) -> None:
         self.paths, keys, self.ignore_index = [], [], 255
-        for shard_dir in shard_dirs:  # several folders form one pool (e.g. a target's unlabelled split + UC Merced)
+        self.folder_of: list[int] = []
+        """Per shard (``SampleRef.shard``): the index of its folder in ``shard_dirs`` (each batch's ``source``)."""
+        for folder, shard_dir in enumerate(shard_dirs):  # several folders form one pool (a target + UC Merced)
             manifest = read_manifest(shard_dir)
             shards = split_shards(manifest, split, shard_dir)
             self.paths += [Path(shard_dir) / s["name"] for s in shards]
+            self.folder_of += [folder] * len(shards)
             keys += [s["keys"] for s in shards]
             cmap = manifest.get("class_map")
             self.ignore_index = cmap["ignore_index"] if cmap else self.ignore_index
@@ -196,8 +199,8 @@ class ShardStream(IterableDataset):
                             f"{self.rank}, above max_error_rate={self.cfg.max_error_rate} of {planned} samples")
 
     def _decoded(self, plan: SlotPlan, rng: np.random.Generator,
-                 planned: int) -> Iterator[tuple[str, Image.Image, Image.Image | None]]:
-        """Decoded (key, image, mask) of the slot: shuffled in train mode, padded to the quota."""
+                 planned: int) -> Iterator[tuple[SampleRef, Image.Image, Image.Image | None]]:
+        """Decoded (ref, image, mask) of the slot: shuffled in train mode, padded to the quota."""
         raw = self._raw(plan)
         if self.train:
             raw = shuffled(raw, self.cfg.shuffle_buffer, rng)
@@ -214,13 +217,13 @@ class ShardStream(IterableDataset):
                 self._count_corrupt(ref, exc, planned)
                 continue
             pool.append((ref, fields))
-            yield ref.key, image, mask
+            yield ref, image, mask
             produced += 1
         while plan.quota is not None and produced < plan.quota:
             if not pool:
                 raise DataError(f"{self.paths[0].parent}: no readable sample to fill rank {self.rank}'s batches")
             ref, fields = pool[int(rng.integers(len(pool)))]
-            yield (ref.key, *decode(fields, ref.key))
+            yield (ref, *decode(fields, ref.key))
             produced += 1
 
     def __iter__(self) -> Iterator[Batch]:
@@ -231,20 +234,20 @@ class ShardStream(IterableDataset):
         planned = sum(p.quota if p.quota is not None else len(p.refs) for p in plans)
         rng = np.random.default_rng([self.cfg.seed, self.epoch.value, self.rank, worker])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        batch: list[tuple[str, np.ndarray, np.ndarray | None]] = []
-        for key, image, mask in self._decoded(plan, rng, planned):
+        batch: list[tuple[SampleRef, np.ndarray, np.ndarray | None]] = []
+        for ref, image, mask in self._decoded(plan, rng, planned):
             if self.train:
                 image, mask = weak_geometric(image, mask, self.cfg.augment, rng, self.ignore_index)
             else:
                 image, mask = np.asarray(image), (np.asarray(mask) if mask is not None else None)
-            batch.append((key, image, mask))
+            batch.append((ref, image, mask))
             if len(batch) == self.cfg.batch_size:
                 yield self._collate(batch, gen)
                 batch = []
         if batch:
             yield self._collate(batch, gen)
 
-    def _collate(self, items: list[tuple[str, np.ndarray, np.ndarray | None]], gen: torch.Generator) -> Batch:
+    def _collate(self, items: list[tuple[SampleRef, np.ndarray, np.ndarray | None]], gen: torch.Generator) -> Batch:
         """Stack (padding eval tiles to the batch maximum) and add the augmented views."""
         h = max(im.shape[0] for _, im, _ in items)
         w = max(im.shape[1] for _, im, _ in items)
@@ -257,7 +260,8 @@ class ShardStream(IterableDataset):
                 masks[i, : m.shape[0], : m.shape[1]] = m
         factors = brightness_factors(len(items), self.cfg.augment.brightness, gen) if self.train else None
         image = to_float(torch.from_numpy(images), factors, out=_alloc((len(items), 3, h, w), torch.float32))
-        batch = Batch(key=[k for k, _, _ in items], image=image)
+        batch = Batch(key=[ref.key for ref, _, _ in items], image=image,
+                      source=torch.tensor([self.folder_of[ref.shard] for ref, _, _ in items], dtype=torch.int64))
         if masks is not None:
             batch.mask = _alloc(masks.shape, torch.int64).copy_(torch.from_numpy(masks))
         if self.train and "strong" in self.views:

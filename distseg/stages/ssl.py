@@ -25,6 +25,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
@@ -34,7 +35,7 @@ from distseg.data.augment import apply_cutmix
 from distseg.data.batch import Batch, Batches
 from distseg.engine.state import EMAOptions
 from distseg.losses import consistency_loss
-from distseg.ops.balance import ClassBalance, labelled_share
+from distseg.ops.balance import ClassBalance, labelled_share, source_class_counts
 from distseg.ops.classmix import paste_labelled
 from distseg.ops.pseudo import PseudoLabels, pseudo_label, tta_probs
 from distseg.ops.thresholds import ClassThresholds
@@ -76,11 +77,16 @@ class SSLOptions:
     encoder features, against the same pseudo-labels; the two consistency terms are then averaged (0: off)."""
     balance_bound: float | None = None
     """Class-balance guard rail (ops/balance.py), as r > 1: the running share of each class among kept pseudo-label
-    pixels against its share of the labelled pixels is logged as ``class_share_ratio``; each kept pixel's
-    consistency term is weighted by clip(1/ratio, 1/r, r), and λ_u is damped by min(1, r / worst ratio) once a class
-    leaves [1/r, r], so a run drifting toward one class leans on its labels instead (None: off)."""
+    pixels against its share of the labelled pixels is logged as ``class_share_ratio`` (per pool folder with
+    ``balance_by_source``); each kept pixel's consistency term is weighted by clip(1/ratio, 1/r, r), and λ_u is
+    damped by min(1, r / worst ratio) once a class leaves [1/r, r], so a run drifting toward one class leans on its
+    labels instead (None: off)."""
     balance_momentum: float = 0.95
     """EMA momentum per micro-step of the running pseudo-label class share (with ``balance_bound``)."""
+    balance_by_source: bool = True
+    """With a pool of several folders (``data.unlabeled``), track the guard rail per folder: one running share, one
+    set of weights and one ratio in the log (``class_share_ratio/<folder>``) per source, damping by the worst. A ratio
+    over the mixed pool can read 0.9 while the imagery to map is at 0.2. False: one share over the whole pool."""
     bn_stats: Literal["labelled", "pool"] = "labelled"
     """Which images the BatchNorm running statistics follow, and so those the teacher and the exported model
     normalise with: the labelled crops, or the pool's weak views (one extra no-grad student forward per step). With
@@ -121,6 +127,8 @@ class Targets(NamedTuple):
     """The teacher's pseudo-labels of the weak view, before mixing (and their statistics)."""
     probs: torch.Tensor
     """The teacher's TTA probabilities of the weak view, before mixing."""
+    source: torch.Tensor
+    """B×H×W pool source of each pixel of ``strong`` (CutMix boxes carry their sample's)."""
 
 
 def rampup(step: int, length: int) -> float:
@@ -159,9 +167,10 @@ class SSLTask(Task):
         self.thresholds = self.state.stateful("class_tau", ClassThresholds(
             self.class_map.num_classes, self.options.tau, device=self.env.device)) if self.options.adaptive_tau \
             else None
+        self.sources = self.balance_sources()
         self.balance = self.state.stateful("class_balance", ClassBalance(
             self.labelled_share(), bound=self.options.balance_bound, momentum=self.options.balance_momentum,
-            device=self.env.device)) if self.options.balance_bound is not None else None
+            device=self.env.device, sources=len(self.sources))) if self.options.balance_bound is not None else None
         return Student(student, list(student.parameters()), dataclasses.replace(parent.model_cfg, pretrained=None))
 
     def labelled_share(self) -> list[float]:
@@ -170,6 +179,14 @@ class SSLTask(Task):
             return labelled_share(self.ctx.data.manifest, self.class_map.names, self.cfg.data.train_split)
         except ValueError as exc:
             raise StageError(f"{self.cfg.data.shards}: ssl.balance_bound needs class pixel counts ({exc})") from None
+
+    def balance_sources(self) -> list[str]:
+        """The names the guard rail tracks and logs: one per pool folder (the folder's name, or its position when
+        two share a name), or one for the whole pool (the loader numbers samples by folder in the same order)."""
+        if not self.options.balance_by_source:
+            return ["pool"]
+        names = [Path(folder).name for folder in self.cfg.data.pool(True)]
+        return names if len(set(names)) == len(names) else [str(i) for i in range(len(names))]
 
     def streams(self) -> tuple[str, ...]:
         """The λ_u = 0 control trains on labels alone, so it neither reads nor pseudo-labels the pool, unless the
@@ -185,16 +202,17 @@ class SSLTask(Task):
             self.follow_pool_stats(batches.unlabelled)
         if opts.lambda_u == 0:
             return out
-        t = self.pseudo_targets(batches.unlabelled)
+        t, source = self.pseudo_targets(batches.unlabelled), self.source_of(batches.unlabelled)
         if self.balance is not None:
-            self.balance.update(t.pseudo.class_hist)
+            self.balance.update(source_class_counts(t.pseudo.labels, t.pseudo.keep, source, len(self.sources),
+                                                    self.class_map.num_classes))
         if opts.source_mix > 0:
             t, out["pasted_fraction"] = self.paste_labelled(t, labelled(batches))
         sup = out["loss"]
         with self.autocast, running_stats_frozen(self.student):
             logits_u = self.engine(t.strong).float()
         cons = consistency_loss(logits_u, t.labels, t.keep, kind=opts.consistency, teacher_probs=t.soft,
-                                pixel_weights=self.weights(t.labels, t.keep))
+                                pixel_weights=self.weights(t.labels, t.keep, t.source))
         out["cons"] = cons.detach()
         if opts.feature_dropout > 0:
             with self.autocast, running_stats_frozen(self.student):
@@ -202,13 +220,13 @@ class SSLTask(Task):
             soft = t.probs if opts.consistency == "kl" else None
             cons_fp = consistency_loss(logits_fp, t.pseudo.labels, t.pseudo.keep, kind=opts.consistency,
                                        teacher_probs=soft,
-                                       pixel_weights=self.weights(t.pseudo.labels, t.pseudo.keep))
+                                       pixel_weights=self.weights(t.pseudo.labels, t.pseudo.keep, source))
             cons, out["cons_fp"] = 0.5 * (cons + cons_fp), cons_fp.detach()
         weight = opts.lambda_u * rampup(getattr(self.engine, "global_steps", 0), opts.rampup_steps)
         if self.balance is not None:
             damping = self.balance.damping()
             weight = weight * damping
-            out["class_share_ratio"], out["balance_damping"] = self.balance.ratio(), damping
+            out.update(self.share_ratios(), balance_damping=damping)
         pl = t.pseudo
         if self.thresholds is not None:
             out["class_tau"] = self.thresholds.thresholds()
@@ -240,9 +258,23 @@ class SSLTask(Task):
         return t._replace(strong=mixed.image, labels=mixed.labels, keep=mixed.keep, soft=soft), \
             mixed.pasted.float().mean()
 
-    def weights(self, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+    def weights(self, labels: torch.Tensor, keep: torch.Tensor, source: torch.Tensor) -> torch.Tensor | None:
         """Per-pixel consistency weights of the class-balance guard rail (None when it is off)."""
-        return self.balance.pixel_weights(labels, keep) if self.balance is not None else None
+        return self.balance.pixel_weights(labels, keep, source) if self.balance is not None else None
+
+    def source_of(self, unl: Batch) -> torch.Tensor:
+        """B×H×W: the guard rail's source index of every pixel of the pool batch's weak view (0 for one source)."""
+        b, _, h, w = unl.image.shape
+        if unl.source is None or len(self.sources) == 1:
+            return torch.zeros((b, h, w), dtype=torch.long, device=unl.image.device)
+        return unl.source.long()[:, None, None].expand(b, h, w)
+
+    def share_ratios(self) -> dict[str, torch.Tensor]:
+        """The guard rail's ratios to log: ``class_share_ratio`` [C], or one ``class_share_ratio/<source>`` each."""
+        ratio = self.balance.ratio()
+        if len(self.sources) == 1:
+            return {"class_share_ratio": ratio[0]}
+        return {f"class_share_ratio/{name}": r for name, r in zip(self.sources, ratio)}
 
     def pseudo_targets(self, unl: Batch) -> Targets:
         """The strong view and its targets (labels, keep mask, teacher probs for KL) after CutMix, and the teacher's
@@ -256,13 +288,13 @@ class SSLTask(Task):
             tau = self.thresholds.thresholds()
         pl = pseudo_label(probs, tau=tau, max_entropy=opts.max_entropy, from_logits=False,
                           ignore_index=self.class_map.ignore_index, tile_keep_quantile=opts.tile_keep_quantile)
-        labels, keep = pl.labels, pl.keep
+        labels, keep, source = pl.labels, pl.keep, self.source_of(unl)
         soft = probs if opts.consistency == "kl" else None
         if unl.cutmix_box is not None:
             box, index = unl.cutmix_box, unl.cutmix_index
-            labels, keep = apply_cutmix(labels, box, index), apply_cutmix(keep, box, index)
+            labels, keep, source = (apply_cutmix(x, box, index) for x in (labels, keep, source))
             soft = apply_cutmix(soft, box, index) if soft is not None else None
-        return Targets(unl.image_strong, labels, keep, soft, pl, probs)
+        return Targets(unl.image_strong, labels, keep, soft, pl, probs, source)
 
 
 KIND = StageKind("ssl", SSLTask, SSLOptions, unlabelled=True, unlabelled_views=("weak", "strong"), script="ssl.py",
