@@ -194,6 +194,14 @@ def test_oam_transfer_pools_the_target_imagery_and_tests_on_the_target(tmp_path)
             assert stages[f"{name}.s1"].adapt_bn == [datasets["target_pool"].path]
             assert stages[f"{name}.s1"].parent_path == str(stages[f"{parent}.s1"].folder)
         assert all(s.eval_options.split == "test" for s in evals)
+        # (k)/(l): (c) and its control (f) with the target's imagery alone as the pool, measured as they trained
+        tpool_ssl, tpool_control = (stages[f"{n}.s1"].config for n in ("ft_ssl_tpool", "ft_poolbn_tpool"))
+        assert tpool_ssl.data.unlabeled == tpool_control.data.unlabeled == (datasets["target_pool"].path,)
+        _control_differs_in_lambda_u_alone(tpool_ssl, tpool_control)
+        assert dataclasses.replace(tpool_ssl, data=ssl.data, out=ssl.out) == ssl, "(k) is (c) but for its pool"
+        for name in ("ft_ssl_tpool", "ft_poolbn_tpool"):
+            assert stages[f"eval_{name}.s1"].parent_path == str(stages[f"{name}.s1"].folder)
+            assert not stages[f"eval_{name}.s1"].adapt_bn
         # MKD: the Dubai hop runs once for every seed; each seed's Nairobi head starts from that one student
         assert [s.name for s in plan.stages if s.name.startswith("dubai_")] == ["dubai_teacher", "dubai_student",
                                                                                 "dubai_ft"]
