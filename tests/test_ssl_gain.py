@@ -62,9 +62,12 @@ def test_cutmix_plan_is_applied_to_pseudo_labels_keep_and_teacher_probs():
     strong = apply_cutmix(weak, box, index)
     opts = SSLOptions(tau=0.6, consistency="kl", tta=("identity",))
     fake = SimpleNamespace(options=opts, autocast=contextlib.nullcontext(), class_map=SimpleNamespace(ignore_index=255),
-                           teacher=teacher, thresholds=None)
-    unl = Batch(key=list("abcd"), image=weak, image_strong=strong, cutmix_box=box, cutmix_index=index)
+                           teacher=teacher, thresholds=None, sources=["pool_a", "pool_b"])
+    fake.source_of = lambda batch: SSLTask.source_of(fake, batch)
+    source = torch.tensor([0, 1, 1, 0])
+    unl = Batch(key=list("abcd"), image=weak, image_strong=strong, cutmix_box=box, cutmix_index=index, source=source)
     targets = SSLTask.pseudo_targets(fake, unl)
+    assert torch.equal(targets.source, apply_cutmix(source[:, None, None].expand(4, 16, 16), box, index))
     out_strong, labels, keep, soft = targets.strong, targets.labels, targets.keep, targets.soft
     expected_probs = tta_probs(teacher, strong, ("identity",))
     expected = pseudo_label(expected_probs, tau=0.6, from_logits=False, compile=False)
