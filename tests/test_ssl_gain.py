@@ -67,7 +67,8 @@ def test_cutmix_plan_is_applied_to_pseudo_labels_keep_and_teacher_probs():
     source = torch.tensor([0, 1, 1, 0])
     unl = Batch(key=list("abcd"), image=weak, image_strong=strong, cutmix_box=box, cutmix_index=index, source=source)
     targets = SSLTask.pseudo_targets(fake, unl)
-    assert torch.equal(targets.source, apply_cutmix(source[:, None, None].expand(4, 16, 16), box, index))
+    assert torch.equal(targets.weak_source, source[:, None, None].expand(4, 16, 16))
+    assert torch.equal(targets.source, apply_cutmix(targets.weak_source, box, index))
     out_strong, labels, keep, soft = targets.strong, targets.labels, targets.keep, targets.soft
     expected_probs = tta_probs(teacher, strong, ("identity",))
     expected = pseudo_label(expected_probs, tau=0.6, from_logits=False, compile=False)

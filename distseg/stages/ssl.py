@@ -129,6 +129,8 @@ class Targets(NamedTuple):
     """The teacher's TTA probabilities of the weak view, before mixing."""
     source: torch.Tensor
     """B×H×W pool source of each pixel of ``strong`` (CutMix boxes carry their sample's)."""
+    weak_source: torch.Tensor
+    """B×H×W pool source of each pixel of the weak view, aligned with ``pseudo``."""
 
 
 def rampup(step: int, length: int) -> float:
@@ -202,9 +204,9 @@ class SSLTask(Task):
             self.follow_pool_stats(batches.unlabelled)
         if opts.lambda_u == 0:
             return out
-        t, source = self.pseudo_targets(batches.unlabelled), self.source_of(batches.unlabelled)
+        t = self.pseudo_targets(batches.unlabelled)
         if self.balance is not None:
-            self.balance.update(source_class_counts(t.pseudo.labels, t.pseudo.keep, source, len(self.sources),
+            self.balance.update(source_class_counts(t.pseudo.labels, t.pseudo.keep, t.weak_source, len(self.sources),
                                                     self.class_map.num_classes))
         if opts.source_mix > 0:
             t, out["pasted_fraction"] = self.paste_labelled(t, labelled(batches))
@@ -220,7 +222,7 @@ class SSLTask(Task):
             soft = t.probs if opts.consistency == "kl" else None
             cons_fp = consistency_loss(logits_fp, t.pseudo.labels, t.pseudo.keep, kind=opts.consistency,
                                        teacher_probs=soft,
-                                       pixel_weights=self.weights(t.pseudo.labels, t.pseudo.keep, source))
+                                       pixel_weights=self.weights(t.pseudo.labels, t.pseudo.keep, t.weak_source))
             cons, out["cons_fp"] = 0.5 * (cons + cons_fp), cons_fp.detach()
         weight = opts.lambda_u * rampup(getattr(self.engine, "global_steps", 0), opts.rampup_steps)
         if self.balance is not None:
@@ -288,13 +290,14 @@ class SSLTask(Task):
             tau = self.thresholds.thresholds()
         pl = pseudo_label(probs, tau=tau, max_entropy=opts.max_entropy, from_logits=False,
                           ignore_index=self.class_map.ignore_index, tile_keep_quantile=opts.tile_keep_quantile)
-        labels, keep, source = pl.labels, pl.keep, self.source_of(unl)
+        weak_source = self.source_of(unl)
+        labels, keep, source = pl.labels, pl.keep, weak_source
         soft = probs if opts.consistency == "kl" else None
         if unl.cutmix_box is not None:
             box, index = unl.cutmix_box, unl.cutmix_index
             labels, keep, source = (apply_cutmix(x, box, index) for x in (labels, keep, source))
             soft = apply_cutmix(soft, box, index) if soft is not None else None
-        return Targets(unl.image_strong, labels, keep, soft, pl, probs, source)
+        return Targets(unl.image_strong, labels, keep, soft, pl, probs, source, weak_source)
 
 
 KIND = StageKind("ssl", SSLTask, SSLOptions, unlabelled=True, unlabelled_views=("weak", "strong"), script="ssl.py",
