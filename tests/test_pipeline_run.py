@@ -89,6 +89,30 @@ def test_run_writes_results_for_every_eval_stage(first_run):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_figure_leaves_out_a_row_whose_model_is_gone(recipe, first_run, tmp_path):
+    """Weights deleted after their eval: the figure draws the other rows and names the one it left out."""
+    import shutil
+
+    from distseg.pipeline.figure import _row_models, write_figure
+    from distseg.pipeline.plan import build_plan
+    from distseg.pipeline.recipe import load_recipe
+
+    out, _ = first_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    gone = copy / "kd" / json.loads((copy / "eval_kd" / "eval.json").read_text())["weights"]
+    gone.unlink()
+    plan = build_plan(load_recipe(recipe, out=str(copy)), recipe)
+    evals = [s for s in plan.stages if s.kind == "eval"]
+    rows, left_out = _row_models(evals, evals[0].data_path)
+    assert [label for label, _ in rows] == ["teacher"]
+    assert left_out == [f"student: {gone}: weights missing (stage not finished?)"]
+    path, left_out_again = write_figure(plan, tmp_path / "results.png", 2)
+    assert path.stat().st_size > 1000 and left_out_again == left_out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_saved_stage_config_is_what_ran(first_run):
     out, _ = first_run
     saved = load_config(StageConfig, out / "configs" / "kd.yaml")

@@ -62,10 +62,41 @@ def _colorize(mask: np.ndarray, colors: list[tuple[int, int, int]], ignore_index
     return lut[mask.astype(np.uint8)]
 
 
-def write_figure(plan: Plan, path: Path, tiles: int) -> Path | None:
+def _row_models(evals: list, data_path) -> tuple[list, list[str]]:
+    """One ``(label, model)`` per row label on ``data_path``: the model of its first seed still on disk.
+
+    A table row can outlive its model (weights deleted to save disk, an eval folder copied from another run); the
+    figure then draws the row from another seed, or leaves the label out with the reason, instead of failing a
+    run whose stages all finished. Returns the rows and one line per label left out.
+    """
+    from distseg.engine import checkpoint as ckpt
+
+    by_label: dict[str, list] = {}
+    for stage in evals:  # row labels in table order, each with its seeds
+        if stage.data_path == data_path:
+            by_label.setdefault(stage.spec.label or stage.name, []).append(stage)
+    rows, left_out = [], []
+    for label, stages in by_label.items():
+        reasons = []
+        for stage in stages:
+            headline = json.loads((stage.folder / "eval.json").read_text()).get("weights")  # the table's model
+            try:
+                model, _ = ckpt.load_inference_model(stage.parent_path, "cpu", which=headline or ckpt.WEIGHTS)
+            except ckpt.CheckpointError as exc:
+                reasons.append(str(exc))
+                continue
+            rows.append((label, model))
+            break
+        else:
+            left_out.append(f"{label}: {reasons[0]}")
+    return rows, left_out
+
+
+def write_figure(plan: Plan, path: Path, tiles: int) -> tuple[Path | None, list[str]]:
     """Columns are tiles; rows: image, ground truth, then one row per eval stage on the first eval's data.
 
-    Eval stages on other datasets (other class sets) are left out of the figure; they are in the table.
+    Eval stages on other datasets (other class sets) are left out of the figure; they are in the table. Returns the
+    figure's path (None when there is nothing to draw) and one line per row label left out for want of a model.
     """
     import matplotlib
 
@@ -73,35 +104,28 @@ def write_figure(plan: Plan, path: Path, tiles: int) -> Path | None:
     import matplotlib.pyplot as plt
     import torch
 
-    from distseg.engine import checkpoint as ckpt
+    from distseg.data.classes import ClassMap
 
     evals = [s for s in plan.stages if s.kind == EVAL and (s.folder / "eval.json").is_file()]
     if not evals or tiles == 0:
-        return None
-    first, labels_seen = evals[0], set()
-    rows = []
-    for s in evals:  # one line per row label (its first seed), on the first eval's data
-        label = s.spec.label or s.name
-        if s.data_path == first.data_path and label not in labels_seen:
-            labels_seen.add(label)
-            rows.append(s)
-    from distseg.data.classes import ClassMap
-
+        return None, []
+    first = evals[0]
+    rows, left_out = _row_models(evals, first.data_path)
+    if not rows:
+        return None, left_out
     class_map = ClassMap.from_manifest(first.data_path)
     images, masks = _candidates(first.data_path, first.eval_options.split, tiles)
     ignored = (masks == class_map.ignore_index).numpy()
     preds = []
     with torch.no_grad():
-        for stage in rows:
-            headline = json.loads((stage.folder / "eval.json").read_text()).get("weights")  # the table's model
-            model, _ = ckpt.load_inference_model(stage.parent_path, "cpu", which=headline or ckpt.WEIGHTS)
+        for _, model in rows:
             pred = model(images).argmax(1).numpy()
             pred[ignored] = class_map.ignore_index  # no prediction shown where there is no ground truth
             preds.append(pred)
     picked = pick_tiles(masks.numpy(), preds, tiles, class_map.ignore_index)
     images, masks, preds = images[picked], masks[picked], [p[picked] for p in preds]
     colors, ignore = class_map.colors, class_map.ignore_index
-    labels = ["image", "ground truth"] + [s.spec.label or s.name for s in rows]
+    labels = ["image", "ground truth"] + [label for label, _ in rows]
     n = images.shape[0]
     fig, axes = plt.subplots(len(labels), n, figsize=(2.0 * n, 2.0 * len(labels)), squeeze=False)
     for j in range(n):
@@ -119,4 +143,4 @@ def write_figure(plan: Plan, path: Path, tiles: int) -> Path | None:
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return path
+    return path, left_out

@@ -166,7 +166,9 @@ def finish(plan: Plan, console) -> dict[str, Any]:
     title = f"{plan.recipe.name}: test-split results"
     out["md"], out["csv"] = write_results(rows, plan.run_dir, title, plan.recipe.baseline)
     console.print(rich_table(rows, title, plan.recipe.baseline), width=max(console.width, 160))  # a wide table beats a wrapped one
-    out["figure"] = write_figure(plan, plan.run_dir / "results.png", plan.recipe.figure_tiles)
+    out["figure"], left_out = write_figure(plan, plan.run_dir / "results.png", plan.recipe.figure_tiles)
+    for line in left_out:
+        console.print(f"results.png leaves out {line}", markup=False, highlight=False, soft_wrap=True)
     written = [str(p) for p in (out["md"], out["csv"], out["figure"]) if p]
     console.print("wrote " + ", ".join(written))
     return out
