@@ -91,6 +91,7 @@ def test_run_writes_results_for_every_eval_stage(first_run):
 @pytest.mark.timeout(300)
 def test_figure_leaves_out_a_row_whose_model_is_gone(recipe, first_run, tmp_path):
     """Weights deleted after their eval: the figure draws the other rows and names the one it left out."""
+    import dataclasses
     import shutil
 
     from distseg.pipeline.figure import _row_models, write_figure
@@ -109,6 +110,11 @@ def test_figure_leaves_out_a_row_whose_model_is_gone(recipe, first_run, tmp_path
     assert left_out == [f"student: {gone}: weights missing (stage not finished?)"]
     path, left_out_again = write_figure(plan, tmp_path / "results.png", 2)
     assert path.stat().st_size > 1000 and left_out_again == left_out
+    # a second seed of the same row whose model is on disk draws the row instead
+    head_eval = next(s for s in evals if s.name == "eval_head")
+    second_seed = dataclasses.replace(head_eval, spec=dataclasses.replace(head_eval.spec, label="student"))
+    rows, left_out = _row_models(evals + [second_seed], evals[0].data_path)
+    assert [label for label, _ in rows] == ["teacher", "student"] and left_out == []
 
 
 @pytest.mark.slow
