@@ -179,7 +179,7 @@ def test_oam_transfer_pools_the_target_imagery_and_tests_on_the_target(tmp_path)
         _control_differs_in_lambda_u_alone(ssl, poolbn)
         assert poolbn.options.bn_stats == "pool" and ssl.options.source_mix > 0
         assert all(stages[f"{n}.s1"].config.options.balance_bound == 2.0 for n in ("ft_ssl", "skd_ssl", "mkd_ssl"))
-        assert not ssl.options.balance_by_source, "the rail its 3-seed figures were measured with"
+        assert ssl.options.balance_by_source, "a rail share per pool folder: Nairobi's chips cannot hide the target's"
         assert dataclasses.replace(control.options, bn_stats="pool") == poolbn.options
         assert (control.parent, control.train, control.optim, control.data) == \
             (poolbn.parent, poolbn.train, poolbn.optim, poolbn.data)
