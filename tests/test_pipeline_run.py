@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from typer.testing import CliRunner
 from distseg.cli import app
 from distseg.config import load_config, to_dict
 from distseg.data.synthetic import write_dataset
+from distseg.pipeline.figure import _row_models, write_figure
+from distseg.pipeline import build_plan, load_recipe
 from distseg.stages.config import StageConfig
 
 MODEL = {"backbone": "test_resnet", "psa": "parallel", "aspp_channels": 16, "decoder_channels": 16,
@@ -91,12 +95,6 @@ def test_run_writes_results_for_every_eval_stage(first_run):
 @pytest.mark.timeout(300)
 def test_figure_leaves_out_a_row_whose_model_is_gone(recipe, first_run, tmp_path):
     """Weights deleted after their eval: the figure draws the other rows and names the one it left out."""
-    import dataclasses
-    import shutil
-
-    from distseg.pipeline.figure import _row_models, write_figure
-    from distseg.pipeline.plan import build_plan
-    from distseg.pipeline.recipe import load_recipe
 
     out, _ = first_run
     copy = tmp_path / "run"
