@@ -21,16 +21,20 @@ from distseg.ops.ema import EMA
 
 _GUARD = r"""
 import json, os, sys, torch
-from distseg.engine.distributed import init_distributed
+from distseg.engine.distributed import init_distributed, shutdown
 from distseg.engine.deepspeed_engine import build_engine
 from distseg.engine.finite import StepGuard
 from distseg.engine.loop import train_step
 from distseg.stages.config import OptimConfig
 
 env = init_distributed(device="cpu")
-out = {}
-out_dir, configs = sys.argv[1], sys.argv[2:]
-for path in configs:
+
+
+def gloo_workers():
+    return sum(open(f"/proc/self/task/{t}/comm").read().startswith("pt_gloo") for t in os.listdir("/proc/self/task"))
+
+
+def run(path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
     guard = StepGuard()
@@ -60,18 +64,26 @@ for path in configs:
         finite = all(bool(p.isfinite().all()) for p in model.parameters())
         record.append({"applied": result.applied, "unchanged": same, "finite": finite, "lr_before": lr,
                        "lr_after": engine.get_lr()[0], "hook": task.state.applied,
-                       "sum": float(sum(p.double().sum() for p in model.parameters()))})
-    out[os.path.basename(path)] = record
+                       "sum": float(sum(p.detach().double().sum() for p in model.parameters()))})
+    engine.destroy()  # as Trainer.close does at a stage's end
+    return record
+
+
+out = {os.path.basename(path): run(path) for path in sys.argv[2:]}
+# a clean end joins gloo's worker threads: one still busy at interpreter shutdown can abort a finished process
+shutdown()
+out["gloo_workers_after_shutdown"] = gloo_workers()
 # one file per rank: two ranks printing to one pipe can interleave a long line
-with open(os.path.join(out_dir, f"rank{env.rank}.json.tmp"), "w") as f:
+with open(os.path.join(sys.argv[1], f"rank{env.rank}.json.tmp"), "w") as f:
     json.dump(out, f)
-os.replace(os.path.join(out_dir, f"rank{env.rank}.json.tmp"), os.path.join(out_dir, f"rank{env.rank}.json"))
+os.replace(os.path.join(sys.argv[1], f"rank{env.rank}.json.tmp"), os.path.join(sys.argv[1], f"rank{env.rank}.json"))
 """
 
 
 @pytest.mark.slow
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
-    """ZeRO-0 (the guard in the client optimizer) and ZeRO-1/2 (DeepSpeed's own check plus the guard), 2 ranks."""
+    """ZeRO-0 (the guard in the client optimizer) and ZeRO-1/2 (DeepSpeed's own check plus the guard), 2 ranks;
+    then the clean end of the job leaves no process-group thread behind."""
     configs = [str(REPO / "ds_configs" / f"zero{z}_fp32.json") for z in (0, 1, 2)]
     script = tmp_path / "guard.py"
     script.write_text(_GUARD)
@@ -82,6 +94,8 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     results = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)
                if (tmp_path / f"rank{rank}.json").exists()}
     assert set(results) == {0, 1}, proc.stdout[-3000:]
+    for rank in (0, 1):
+        assert results[rank].pop("gloo_workers_after_shutdown") == 0, "shutdown() left process-group threads"
     for name in results[0]:
         for rank in (0, 1):
             steps = results[rank][name]

@@ -158,11 +158,14 @@ def measure(cfg: BenchConfig, ws: Workspace, env, micro_batch: int, progress=Non
                                       run_dir=str(ws.folder / "run"), micro_batch=micro_batch,
                                       world_size=env.world_size)
     trainer = Trainer(get_kind(cfg.stage), stage_cfg, env)
-    if cfg.channels_last:
-        use_channels_last_inputs(trainer)
-    raw = time_steps(trainer, cfg, env, progress)
-    mode, ds_resolved = precision(trainer.ds_cfg), trainer.ds_cfg
-    reads_pool = "unlabelled" in trainer.data.streams and "labelled" in trainer.data.streams
+    try:  # an out-of-memory size too must give its memory back before the sweep's record is written
+        if cfg.channels_last:
+            use_channels_last_inputs(trainer)
+        raw = time_steps(trainer, cfg, env, progress)
+        mode, ds_resolved = precision(trainer.ds_cfg), trainer.ds_cfg
+        reads_pool = "unlabelled" in trainer.data.streams and "labelled" in trainer.data.streams
+    finally:
+        trainer.close()
     del trainer
     ranks = _gather(raw)
     if not env.is_main:
@@ -215,7 +218,8 @@ def run_train(cfg: BenchConfig, local_rank: int | None = None) -> list[dict[str,
 
     A CUDA out-of-memory error ends the sweep with an ``oom`` record (all ranks run the same shapes, so they fail
     together). On CPU memory exhaustion is fatal to the process and cannot be caught. The process group is left
-    initialised, as a training stage leaves it (DeepSpeed caches it; the process normally exits next).
+    initialised, as :func:`~distseg.stages.trainer.run_stage` leaves it: the command ends it
+    (:func:`~distseg.engine.distributed.shutdown`).
     """
     from distseg.engine.distributed import init_distributed
 

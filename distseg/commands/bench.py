@@ -74,12 +74,14 @@ def _run_here(cfg, local_rank: Optional[int]) -> None:
     from distseg.bench.train import run_train
     from distseg.config import ConfigError
     from distseg.data.errors import DataError
+    from distseg.engine.distributed import shutdown
     from distseg.stages.common import StageError
 
     try:
         records = run_train(cfg, local_rank)
     except (ConfigError, StageError, DataError, FileNotFoundError) as exc:
         _fail(str(exc))
+    shutdown()
     if records:
         print_runs(records)
         typer.echo(f"appended {len(records)} record(s) to {Path(cfg.out_dir) / 'bench.jsonl'}")

@@ -158,21 +158,17 @@ def _predict_into(out: Path, cfg, weights: Path, inputs: List[Path], model_confi
                   classes: Optional[Path], quiet: bool) -> tuple[int, list]:
     """Load the model and predict every input into ``out``; (this rank, its summaries). A failure before any
     output exists leaves no empty output folder behind."""
-    from distseg.engine.distributed import init_distributed
+    from distseg.engine.distributed import init_distributed, shutdown
     from distseg.predict import predict_paths, resolve_device
 
     created = _writable(out)
     try:
         torch_device = resolve_device(cfg.device)
         env = init_distributed(device=torch_device.type, single_process_group=False)
-        try:
-            model, class_map = _load(weights, torch_device, model_config, classes)
-            return env.rank, predict_paths(model, class_map, inputs, out, cfg, torch_device, progress=not quiet)
-        finally:
-            if env.world_size > 1:
-                import torch.distributed
-
-                torch.distributed.destroy_process_group()
+        model, class_map = _load(weights, torch_device, model_config, classes)
+        summaries = predict_paths(model, class_map, inputs, out, cfg, torch_device, progress=not quiet)
+        shutdown()
+        return env.rank, summaries
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()

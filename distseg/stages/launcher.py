@@ -61,6 +61,7 @@ def make_app(kind: str) -> typer.Typer:
         local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
         device: Optional[str] = typer.Option(None, "--device", help="'cpu' to ignore CUDA."),
     ) -> None:
+        from distseg.engine.distributed import shutdown
         from distseg.errors import reported
         from distseg.stages.trainer import run_stage
         from distseg.supervise import start_watchdog
@@ -75,6 +76,7 @@ def make_app(kind: str) -> typer.Typer:
         with reported():
             cfg = build_config(kind, config, options, sets)
             run_stage(spec, cfg, resume=resume, force=force, local_rank=local_rank, device=device)
+            shutdown()
 
     return app
 
