@@ -31,17 +31,14 @@ _STAGE = r"""
 import os, sys
 from distseg.stages.launcher import main
 
-try:
-    main("finetune", sys.argv[1:])
-except SystemExit as exc:
-    print("exit", exc.code, flush=True)
+main("finetune", sys.argv[1:])  # returns on success: a failure exits non-zero
 workers = sum(open(f"/proc/self/task/{t}/comm").read().startswith("pt_gloo") for t in os.listdir("/proc/self/task"))
 print("gloo workers after the stage:", workers, flush=True)
 """
 
 
 def test_a_finished_stage_leaves_no_process_group_thread(tmp_path, target_shards, init_weights):
-    """The stage command releases its ZeRO engine and ends the group: no gloo worker may still be releasing a
+    """The stage's entry point releases its ZeRO engine and ends the group: no gloo worker may still be releasing a
     collective's tensors when the interpreter shuts down (that aborted finished 2-rank jobs, 1 run in 7)."""
     cfg = tiny_stage_config(tmp_path, steps=2, fisher_batches=0)
     proc = subprocess.run([sys.executable, "-c", _STAGE, "--config", str(cfg), "--data", str(target_shards),
@@ -49,4 +46,4 @@ def test_a_finished_stage_leaves_no_process_group_thread(tmp_path, target_shards
                            "--ds_config", str(REPO / "ds_configs" / "zero2_fp32.json")],
                           capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "exit 0" in proc.stdout and "gloo workers after the stage: 0" in proc.stdout, proc.stdout[-2000:]
+    assert "gloo workers after the stage: 0" in proc.stdout, proc.stdout[-2000:]

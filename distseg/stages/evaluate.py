@@ -16,7 +16,7 @@ import typer
 
 from distseg.data.stream import StreamConfig
 from distseg.engine import checkpoint as ckpt
-from distseg.engine.distributed import init_distributed, shutdown
+from distseg.engine.distributed import init_distributed
 from distseg.engine.metrics import ConfusionMatrix, evaluate_model, format_table
 from distseg.engine.runlog import process_age
 from distseg.stages.common import StageError
@@ -217,7 +217,6 @@ def main(
         run(model, data, split=split, sliding=sliding, tile=tile, overlap=overlap, batch_size=batch_size, out=out,
             model_config=model_config, classes=classes, local_rank=local_rank, device=device, checkpoint=checkpoint,
             adapt_bn=adapt_bn)
-        shutdown()
 
 
 KIND = StageKind(EVAL, None, parent="required", script="evaluate.py", command=app,

@@ -61,7 +61,6 @@ def make_app(kind: str) -> typer.Typer:
         local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
         device: Optional[str] = typer.Option(None, "--device", help="'cpu' to ignore CUDA."),
     ) -> None:
-        from distseg.engine.distributed import shutdown
         from distseg.errors import reported
         from distseg.stages.trainer import run_stage
         from distseg.supervise import start_watchdog
@@ -76,15 +75,21 @@ def make_app(kind: str) -> typer.Typer:
         with reported():
             cfg = build_config(kind, config, options, sets)
             run_stage(spec, cfg, resume=resume, force=force, local_rank=local_rank, device=device)
-            shutdown()
 
     return app
 
 
 def main(kind: str, argv: list[str] | None = None, prog: str | None = None) -> None:
     """Entry point of ``launch/<script>.py`` and of ``python -m distseg.stages KIND``: the kind's own command, or
-    the training-stage command line."""
+    the training-stage command line. A clean end ends the process's groups here, once: the commands themselves
+    may run one after another in one process (on the same group)."""
+    from distseg.engine.distributed import shutdown
     from distseg.stages.registry import get_kind
 
     app = get_kind(kind).command or make_app(kind)
-    app(args=argv if argv is not None else sys.argv[1:], prog_name=prog or f"distseg.stages {kind}")
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], prog_name=prog or f"distseg.stages {kind}")
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise
+    shutdown()
