@@ -158,7 +158,7 @@ def measure(cfg: BenchConfig, ws: Workspace, env, micro_batch: int, progress=Non
                                       run_dir=str(ws.folder / "run"), micro_batch=micro_batch,
                                       world_size=env.world_size)
     trainer = Trainer(get_kind(cfg.stage), stage_cfg, env)
-    try:  # an out-of-memory size too must give its memory back before the sweep's record is written
+    try:  # a size that ran out of memory too gives its memory back before the next size is built
         if cfg.channels_last:
             use_channels_last_inputs(trainer)
         raw = time_steps(trainer, cfg, env, progress)
