@@ -159,8 +159,10 @@ def test_dubai_long_gives_ssl_the_schedule_it_needs(tmp_path):
     assert dataclasses.replace(unimatch.options, feature_dropout=0.0) == adaptive.options
     strong, before = unimatch.data.stream.augment, adaptive.data.stream.augment
     assert strong.cutmix_prob > 0 and strong.grayscale_prob == 0 and unimatch.options.feature_dropout > 0
-    assert dataclasses.replace(strong, cutmix_prob=0.0, grayscale_prob=0.2, jitter_brightness=0.4,
-                               jitter_contrast=0.4, jitter_saturation=0.4) == before
+    changed = ("cutmix_prob", "grayscale_prob", "jitter_brightness", "jitter_contrast", "jitter_saturation")
+    assert before.cutmix_prob == 0 and before.grayscale_prob > 0
+    assert all(getattr(strong, f) < getattr(before, f) for f in changed[1:])  # milder colour changes
+    assert dataclasses.replace(strong, **{f: getattr(before, f) for f in changed}) == before
     assert (unimatch.parent, unimatch.train, unimatch.optim) == (control.parent, control.train, control.optim)
     for config in (ft, ssl, control, adaptive, unimatch):  # the headline is the last model: no selection by val
         assert config.train.eval_every == 0 and config.train.ckpt_every > 0
